@@ -1,0 +1,79 @@
+"""Optuna study -> engine inputs: the shared search space and the lineage history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import math
+from typing import TYPE_CHECKING
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.search_space import IntersectionSearchSpace
+from optuna.study import StudyDirection
+
+from optuna_fms.engine.history import History, LineageRecord
+from optuna_fms.engine.space import Dimension, SearchSpace
+from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+
+
+def optuna_search_space(study: Study) -> dict[str, BaseDistribution]:
+    """Parameters every finished or paused trial shares, with one distribution each."""
+    space = IntersectionSearchSpace(include_pruned=True).calculate(study)
+    return {name: d for name, d in space.items() if not d.single()}
+
+
+def engine_space(distributions: dict[str, BaseDistribution]) -> SearchSpace:
+    return SearchSpace([_dimension(name, d) for name, d in sorted(distributions.items())])
+
+
+def _dimension(name: str, d: BaseDistribution) -> Dimension:
+    if isinstance(d, CategoricalDistribution):
+        return Dimension(name, "categorical", choices=tuple(d.choices))
+    if isinstance(d, (FloatDistribution, IntDistribution)):
+        kind = "int" if isinstance(d, IntDistribution) else "float"
+        step = None if d.log else d.step
+        return Dimension(name, kind, float(d.low), float(d.high), log=d.log, step=step)
+    raise TypeError(f"Unsupported distribution {type(d).__name__} for {name!r}.")
+
+
+def inferred_max_steps(lineages: Sequence[Lineage], explicit: int | None) -> int | None:
+    """The run length: as given, else the longest finished run so far (None before any)."""
+    if explicit is not None:
+        return explicit
+    finished = [lin.next_step for lin in lineages if lin.state == FINISHED and lin.curve]
+    return max(finished) if finished else None
+
+
+def make_history(
+    study: Study,
+    lineages: Sequence[Lineage],
+    space: SearchSpace,
+    *,
+    max_steps: int | None = None,
+    embedding_dim: int = 0,
+) -> History:
+    """The engine's view: finite values oriented so that higher is better."""
+    sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+    records = []
+    for lin in lineages:
+        if not all(name in lin.params for name in space.names):
+            continue
+        points = [(s, v) for s, v in sorted(lin.curve.items()) if math.isfinite(v)]
+        records.append(
+            LineageRecord(
+                key=lin.id,
+                config={name: lin.params[name] for name in space.names},
+                steps=[s for s, _ in points],
+                values=[sign * v for _, v in points],
+                thawable=lin.state == FROZEN_STATE and bool(lin.checkpoints),
+                running=lin.state == RUNNING,
+            )
+        )
+    return History(space, records, max_steps=max_steps, embedding_dim=embedding_dim)

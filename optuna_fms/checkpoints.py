@@ -1,0 +1,360 @@
+"""Safetensors checkpoints as Optuna trial artifacts: save, load, verify (never pickle)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+import random
+import tempfile
+import threading
+from typing import TYPE_CHECKING, Any
+import weakref
+
+import numpy as np
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
+import torch
+
+from optuna_fms import lineage as lineage_mod
+from optuna_fms._warnings import warn_once
+from optuna_fms.lineage import CheckpointRecord
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.study import Study
+
+_logger = logging.getLogger(__name__)
+
+MIMETYPE = "application/x-safetensors"
+FORMAT = "optuna-fms/1"
+_META_KEY = "optuna_fms"
+USER_CHECKPOINT_STEP = "fms:checkpoint_step"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or cannot be written or restored."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: weights, optimizer and scheduler states, and user metadata."""
+
+    step: int
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    trial_number: int | None = None
+    artifact_id: str | None = None
+    sha256: str | None = None
+    architecture: dict[str, Any] | None = None
+    rng_state: dict[str, Any] | None = field(default=None, repr=False)
+
+
+# --- the artifact store ----------------------------------------------------------------------
+
+_memory_stores: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_memory_lock = threading.Lock()
+
+
+def resolve_artifact_store(study: Study, artifact_store: ArtifactStore | None = None) -> ArtifactStore:
+    """The store to use: the one given, else the sampler's or pruner's, else a default folder.
+
+    The default is a folder next to the storage file (``fms.db`` -> ``fms-artifacts/``) for
+    SQLite and journal files, and a temporary folder living as long as the process for an
+    in-memory study. Server databases have no "next to", so they need an explicit store.
+    """
+    if artifact_store is not None:
+        return artifact_store
+    for component in (study.sampler, study.pruner):
+        store = getattr(component, "artifact_store", None)
+        if store is not None:
+            return store
+    return FileSystemArtifactStore(str(default_artifact_dir(study._storage)))
+
+
+def default_artifact_dir(storage: Any) -> Path:
+    from optuna.storages import InMemoryStorage, JournalStorage, RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
+    if isinstance(backend, RDBStorage) and backend.url.startswith("sqlite:///"):
+        db = backend.url[len("sqlite:///") :].split("?", 1)[0]
+        if db and db != ":memory:":
+            return _ensure_dir(Path(db).with_name(Path(db).stem + "-artifacts"))
+    if isinstance(backend, JournalStorage) and isinstance(backend._backend, JournalFileBackend):
+        log = Path(backend._backend._file_path)
+        return _ensure_dir(log.with_name(log.stem + "-artifacts"))
+    if isinstance(backend, InMemoryStorage):
+        with _memory_lock:
+            if backend not in _memory_stores:
+                folder = tempfile.TemporaryDirectory(prefix="optuna-fms-")
+                _memory_stores[backend] = folder.name
+                weakref.finalize(backend, folder.cleanup)
+            return Path(_memory_stores[backend])
+    raise ValueError(
+        f"optuna-fms has no default artifact folder for {type(backend).__name__}; pass one, e.g. "
+        "FMSSampler(artifact_store=optuna.artifacts.FileSystemArtifactStore('<shared folder>'))."
+    )
+
+
+def _ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- save ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    trial: optuna.Trial,
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    step: int,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    artifact_store: ArtifactStore | None = None,
+    save_rng: bool = True,
+) -> CheckpointRecord:
+    """Write one safetensors file for ``step`` and upload it as an artifact of ``trial``.
+
+    Optimizer and scheduler states are stored as tensors plus a JSON skeleton; the RNG states
+    of torch, numpy and ``random`` are stored too (``save_rng``), so a thawed run continues
+    exactly. The step and a SHA-256 of the file are recorded on the trial.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}.")
+    step = int(step)
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state = model_or_state_dict.state_dict()
+        architecture = _describe(model_or_state_dict)
+    else:
+        state, architecture = dict(model_or_state_dict), None
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"State dict entry {key!r} is a {type(value).__name__}, not a tensor.")
+        tensors[f"model/{key}"] = _storable(value)
+    header = {
+        "format": FORMAT,
+        "step": step,
+        "trial_number": trial.number,
+        "metadata": _encode(dict(metadata or {}), "metadata", tensors),
+        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors) if optimizer else None,
+        "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors) if scheduler else None,
+        "rng": _encode(_rng_state(), "rng", tensors) if save_rng else None,
+        "architecture": architecture,
+    }
+    study = trial.study
+    store = resolve_artifact_store(study, artifact_store)
+    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
+        path = os.path.join(tmp, f"step-{step:06d}.safetensors")
+        try:
+            from safetensors.torch import save_file
+
+            save_file(tensors, path, metadata={_META_KEY: json.dumps(header)})
+            digest, size = _sha256(path), os.path.getsize(path)
+            artifact_id = upload_artifact(
+                artifact_store=store, file_path=path, study_or_trial=trial, mimetype=MIMETYPE
+            )
+        except OSError as err:
+            hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+            raise CheckpointError(
+                f"Could not write the checkpoint of trial {trial.number} at step {step}{hint}: {err}. "
+                "Earlier checkpoints are untouched."
+            ) from err
+    record = CheckpointRecord(trial.number, trial._trial_id, step, artifact_id, digest, size)
+    lineage_mod.record_checkpoint(study, trial._trial_id, record)
+    study._storage.set_trial_user_attr(trial._trial_id, USER_CHECKPOINT_STEP, step)
+    return record
+
+
+def _storable(t: torch.Tensor) -> torch.Tensor:
+    # NOTE: safetensors refuses shared or strided storage; a contiguous CPU copy is always valid.
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _describe(module: torch.nn.Module) -> dict[str, Any] | None:
+    """The module's architecture for the weight featurizer, or None when it cannot be traced."""
+    try:
+        from optuna_fms.graphs.build import describe_architecture
+    except ImportError:
+        return None
+    try:
+        return describe_architecture(module)
+    except Exception as err:  # noqa: BLE001 - a model we cannot describe is still saved
+        warn_once(f"describe:{type(module).__name__}", f"Checkpoints of {type(module).__name__} "
+                   f"carry no architecture, so their weights are not featurized: {err}")
+        return None
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["random"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# NOTE: the JSON skeleton of nested states. Tensors go to the safetensors body and leave a
+# reference; dicts keep their key types (optimizer states are keyed by int); tuples stay tuples.
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = _storable(obj)
+        return {"__tensor__": path}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[_encode(k, f"{path}/k{i}", tensors), _encode(v, f"{path}/{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+    raise CheckpointError(f"Cannot store a {type(obj).__name__} at {path!r} in a checkpoint.")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+    return obj
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    trial: optuna.Trial,
+    model: torch.nn.Module | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    artifact_store: ArtifactStore | None = None,
+    restore_rng: bool = True,
+) -> Checkpoint | None:
+    """The newest checkpoint of the lineage ``trial`` continues, loaded into the given objects.
+
+    Returns None for a new configuration (nothing to resume). A missing or corrupt checkpoint
+    raises :class:`CheckpointError` naming trial and artifact, and marks the lineage failed so
+    it is never thawed again.
+    """
+    study = trial.study
+    lin = lineage_mod.lineage_of(study, trial.number)
+    record = lin.checkpoint_at_or_before(None) if lin is not None else None
+    if record is None:
+        if lin is not None and lin.n_thaws:
+            warn_once(f"nockpt:{lin.id}", f"Trial {trial.number} continues lineage {lin.id}, "
+                       "which has no checkpoint: it starts from scratch.")
+        return None
+    try:
+        ckpt = read_checkpoint(study, record, artifact_store=artifact_store)
+    except CheckpointError as err:
+        study._storage.set_trial_system_attr(trial._trial_id, lineage_mod.FAILED, str(err))
+        raise
+    _restore(ckpt, model, optimizer, scheduler, restore_rng)
+    return ckpt
+
+
+def read_checkpoint(
+    study: Study, record: CheckpointRecord, *, artifact_store: ArtifactStore | None = None
+) -> Checkpoint:
+    """Download, verify (size and SHA-256) and parse one checkpoint of ``study``."""
+    from safetensors import SafetensorError, safe_open
+
+    store = resolve_artifact_store(study, artifact_store)
+    where = f"checkpoint of trial {record.trial_number} at step {record.step} (artifact {record.artifact_id})"
+    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
+        path = os.path.join(tmp, "checkpoint.safetensors")
+        try:
+            download_artifact(artifact_store=store, file_path=path, artifact_id=record.artifact_id)
+        except (ArtifactNotFound, FileNotFoundError, OSError) as err:
+            raise CheckpointError(f"The {where} is missing from the artifact store: {err}") from err
+        if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:
+            raise CheckpointError(f"The {where} is corrupt: its content does not match the recorded SHA-256.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                header = json.loads((f.metadata() or {})[_META_KEY])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, KeyError, ValueError, OSError) as err:
+            raise CheckpointError(f"The {where} cannot be parsed: {err}") from err
+    state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    return Checkpoint(
+        step=int(header["step"]),
+        state_dict=state,
+        metadata=_decode(header.get("metadata"), tensors) or {},
+        optimizer_state=_decode(header.get("optimizer"), tensors),
+        scheduler_state=_decode(header.get("scheduler"), tensors),
+        trial_number=record.trial_number,
+        artifact_id=record.artifact_id,
+        sha256=record.sha256,
+        architecture=header.get("architecture"),
+        rng_state=_decode(header.get("rng"), tensors),
+    )
+
+
+def _restore(
+    ckpt: Checkpoint,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    restore_rng: bool,
+) -> None:
+    where = f"checkpoint of trial {ckpt.trial_number} (artifact {ckpt.artifact_id})"
+    try:
+        if model is not None:
+            model.load_state_dict(ckpt.state_dict)
+        if optimizer is not None:
+            if ckpt.optimizer_state is None:
+                raise CheckpointError(f"The {where} holds no optimizer state.")
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        if scheduler is not None:
+            if ckpt.scheduler_state is None:
+                raise CheckpointError(f"The {where} holds no scheduler state.")
+            scheduler.load_state_dict(ckpt.scheduler_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"The {where} does not fit the given objects: {err}") from err
+    if restore_rng and ckpt.rng_state is not None:
+        _restore_rng(ckpt.rng_state)

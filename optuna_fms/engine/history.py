@@ -1,0 +1,156 @@
+"""Observations -> tensors: configurations, budgets, learning curves and weight embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from optuna_fms.engine.space import SearchSpace
+
+
+@dataclass
+class LineageRecord:
+    """One configuration's run, possibly spread over several segments, as the engine sees it.
+
+    ``values`` are oriented so that higher is better (the adapter negates a minimized metric).
+    ``steps`` are the reported steps, strictly increasing; the budget of step ``s`` is ``s + 1``.
+    ``embeddings`` maps a step to the weight embedding of the checkpoint saved at that step.
+    """
+
+    key: int
+    config: Mapping[str, Any]
+    steps: list[int]
+    values: list[float]
+    thawable: bool = False
+    running: bool = False
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != len(self.values):
+            raise ValueError(f"Lineage {self.key}: {len(self.steps)} steps, {len(self.values)} values.")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError(f"Lineage {self.key}: steps must be strictly increasing.")
+        if not all(np.isfinite(self.values)):
+            raise ValueError(f"Lineage {self.key}: values must be finite.")
+
+    @property
+    def next_step(self) -> int:
+        return self.steps[-1] + 1 if self.steps else 0
+
+
+@dataclass
+class Rows:
+    """Inputs of the surrogate, one row per (configuration, budget) pair.
+
+    ``curve`` holds the standardized values observed *before* each row's budget, right-aligned
+    and zero-padded to a fixed length; ``mask`` marks which entries are real.
+    """
+
+    x: np.ndarray  # [N, width] encoded configurations
+    budget: np.ndarray  # [N] budget / max_budget
+    curve: np.ndarray  # [N, L]
+    mask: np.ndarray  # [N, L]
+    embedding: np.ndarray  # [N, E] (E may be 0)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, index: np.ndarray) -> Rows:
+        return Rows(*(a[index] for a in (self.x, self.budget, self.curve, self.mask, self.embedding)))
+
+
+@dataclass
+class Candidate:
+    """A possible use of the next step: continue lineage ``key`` or start ``config`` (key None)."""
+
+    config: Mapping[str, Any]
+    step: int
+    key: int | None = None
+
+
+class History:
+    """All lineages of a study, with the scaling that turns them into surrogate rows."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        lineages: Sequence[LineageRecord],
+        *,
+        max_steps: int | None = None,
+        curve_length: int = 16,
+        embedding_dim: int = 0,
+    ) -> None:
+        self.space = space
+        self.lineages = [lin for lin in lineages if space.contains(lin.config)]
+        self.by_key = {lin.key: lin for lin in self.lineages}
+        self.max_steps = max_steps
+        self.curve_length = curve_length
+        self.embedding_dim = embedding_dim
+        observed = [lin.steps[-1] + 1 for lin in self.lineages if lin.steps]
+        self.max_budget = max([max_steps or 1, *observed, *(b + 1 for b in observed)])
+        values = np.array([v for lin in self.lineages for v in lin.values], dtype=float)
+        self.n_observations = len(values)
+        self.y_mean = float(values.mean()) if len(values) else 0.0
+        self.y_std = float(values.std()) if len(values) > 1 and values.std() > 1e-12 else 1.0
+
+    def standardize(self, values: np.ndarray | Sequence[float]) -> np.ndarray:
+        return (np.asarray(values, dtype=float) - self.y_mean) / self.y_std
+
+    def training_rows(self) -> tuple[Rows, np.ndarray, np.ndarray]:
+        """Every observation as a row; returns (rows, standardized targets, budgets in steps+1)."""
+        configs, steps, keys, targets = [], [], [], []
+        for lin in self.lineages:
+            for s, v in zip(lin.steps, lin.values):
+                configs.append(lin.config)
+                steps.append(s)
+                keys.append(lin.key)
+                targets.append(v)
+        rows = self._rows(configs, steps, keys)
+        return rows, self.standardize(targets), np.asarray(steps, dtype=float) + 1.0
+
+    def candidate_rows(self, candidates: Sequence[Candidate]) -> Rows:
+        return self._rows(
+            [c.config for c in candidates], [c.step for c in candidates], [c.key for c in candidates]
+        )
+
+    def observed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(budgets, standardized values) of every observation, for per-fidelity incumbents."""
+        budgets = [s + 1 for lin in self.lineages for s in lin.steps]
+        values = [v for lin in self.lineages for v in lin.values]
+        return np.asarray(budgets, dtype=float), self.standardize(values)
+
+    def _rows(
+        self, configs: Sequence[Mapping[str, Any]], steps: Sequence[int], keys: Sequence[int | None]
+    ) -> Rows:
+        n, length = len(configs), self.curve_length
+        curve = np.zeros((n, length))
+        mask = np.zeros((n, length))
+        embedding = np.zeros((n, self.embedding_dim))
+        for i, (step, key) in enumerate(zip(steps, keys)):
+            lin = self.by_key.get(key) if key is not None else None
+            if lin is None:
+                continue
+            # NOTE: only values reported strictly before this row's step, so a row never sees
+            # its own target, and a candidate sees exactly what has been paid for.
+            before = [v for s, v in zip(lin.steps, lin.values) if s < step][-length:]
+            if before:
+                curve[i, length - len(before) :] = self.standardize(before)
+                mask[i, length - len(before) :] = 1.0
+            if self.embedding_dim:
+                embedding[i] = _latest_embedding(lin, step, self.embedding_dim)
+        return Rows(
+            x=self.space.encode_many(configs),
+            budget=(np.asarray(steps, dtype=float) + 1.0) / self.max_budget,
+            curve=curve,
+            mask=mask,
+            embedding=embedding,
+        )
+
+
+def _latest_embedding(lin: LineageRecord, step: int, dim: int) -> np.ndarray:
+    """The embedding of the newest checkpoint saved before ``step`` (zeros when none)."""
+    saved = [s for s in lin.embeddings if s < step]
+    return np.asarray(lin.embeddings[max(saved)]) if saved else np.zeros(dim)

@@ -1,0 +1,248 @@
+"""Freeze-thaw decisions: which lineage or new configuration deserves the next step."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+import threading
+from typing import Any
+
+import numpy as np
+
+from optuna_fms.engine.acquisition import expected_improvement, incumbents
+from optuna_fms.engine.history import Candidate, History
+from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings
+
+
+@dataclass
+class PolicySettings:
+    """Knobs of the freeze-thaw policy.
+
+    ``n_startup`` lineages are started at random and, when thawing is possible, frozen after
+    their first step (DyHPO's initial design). New configurations are scored from a pool of
+    ``pool_size`` random points plus ``n_local`` perturbations of the best lineages.
+    """
+
+    n_startup: int = 8
+    pool_size: int = 256
+    n_local: int = 64
+    use_curve: bool = True
+    fit: FitSettings = field(default_factory=FitSettings)
+
+
+@dataclass
+class Decision:
+    """What to do next, with the numbers behind it (for logs and the dashboard)."""
+
+    action: str  # "continue", "freeze", "thaw" or "new"
+    key: int | None = None  # the lineage to continue, freeze or thaw
+    config: dict[str, Any] | None = None  # the configuration of a new lineage
+    reason: str = ""
+    acquisition: float | None = None
+    predicted_mean: float | None = None  # in standardized units of the history
+    predicted_std: float | None = None
+    alternatives: list[tuple[int | None, float]] = field(default_factory=list)
+
+
+class FreezeThawPolicy:
+    """DyHPO/FMS: refit the deep-kernel GP on the history, score candidates by EI one step ahead."""
+
+    def __init__(
+        self,
+        settings: PolicySettings | None = None,
+        *,
+        seed: int | None = None,
+        device: str | None = None,
+        embedding_dim: int = 0,
+    ) -> None:
+        self.settings = settings or PolicySettings()
+        self._rng = np.random.default_rng(seed)
+        self._seed = 0 if seed is None else seed
+        self._device = device
+        self._embedding_dim = embedding_dim
+        self._surrogate: DeepKernelSurrogate | None = None
+        self._fitted_key: tuple | None = None
+        self._lock = threading.RLock()
+
+    def reseed(self, seed: int | None) -> None:
+        with self._lock:
+            self._rng = np.random.default_rng(seed)
+
+    # --- decisions ------------------------------------------------------------------------
+
+    def choose_next(
+        self, history: History, *, exclude: frozenset[int] = frozenset(), new_step: int = 0
+    ) -> Decision:
+        """Thaw the best frozen lineage or start the best new configuration.
+
+        Lineages in ``exclude`` are not thawed (e.g. a claim on them was lost). New
+        configurations are scored at ``new_step``: 0 (their first step) under freeze-thaw, the
+        last step when runs are never frozen, so EI then targets final values.
+        """
+        with self._lock:
+            if len(history.lineages) < self.settings.n_startup or not history.n_observations:
+                return self._random_new(history, "start-up: random configuration")
+            thaws = [c for c in self._thaw_candidates(history) if c.key not in exclude]
+            candidates = thaws + self._new_candidates(history, new_step)
+            if not candidates:
+                return self._random_new(history, "no candidate left: random configuration")
+            scores, mean, std = self._score(history, candidates)
+            if scores is None:
+                return self._random_new(history, "surrogate unavailable: random configuration")
+            best = int(np.argmax(scores))
+            chosen = candidates[best]
+            decision = Decision(
+                action="thaw" if chosen.key is not None else "new",
+                key=chosen.key,
+                config=dict(chosen.config) if chosen.key is None else None,
+                acquisition=float(scores[best]),
+                predicted_mean=float(mean[best]),
+                predicted_std=float(std[best]),
+                alternatives=_top(candidates, scores, 5),
+            )
+            decision.reason = (
+                f"EI {scores[best]:.4g} is the best of {len(candidates)} candidates"
+                f" ({sum(c.key is not None for c in candidates)} frozen lineages)"
+            )
+            return decision
+
+    def should_continue(
+        self,
+        history: History,
+        key: int,
+        *,
+        segment_steps: int,
+        can_thaw: bool,
+        freeze_margin: float = 0.2,
+        min_segment_steps: int = 1,
+    ) -> Decision:
+        """Whether running lineage ``key`` should take its next step, or be frozen.
+
+        ``can_thaw`` says whether frozen lineages will ever be resumed (FMSSampler present);
+        without it, freezing is plain early stopping and frozen lineages are no alternative.
+        Against thrashing, the lineage is frozen only when an alternative's EI exceeds its own
+        by the relative ``freeze_margin``, and only after ``min_segment_steps`` steps of its
+        current segment.
+        """
+        with self._lock:
+            lin = history.by_key.get(key)
+            if lin is None or not lin.steps:
+                return Decision("continue", key, reason="no observation yet")
+            if history.max_steps is not None and lin.next_step >= history.max_steps:
+                return Decision("continue", key, reason="last step of the budget")
+            if len(history.lineages) < self.settings.n_startup:
+                if can_thaw:
+                    return Decision("freeze", key, reason="start-up: one step per configuration")
+                return Decision("continue", key, reason="start-up")
+            if segment_steps < min_segment_steps:
+                return Decision("continue", key, reason="minimum segment length")
+            own = Candidate(lin.config, lin.next_step, key)
+            others = (self._thaw_candidates(history) if can_thaw else []) + self._new_candidates(history)
+            if not others:
+                return Decision("continue", key, reason="no alternative")
+            scores, mean, std = self._score(history, [own, *others])
+            if scores is None:
+                return Decision("continue", key, reason="surrogate unavailable")
+            mine, best_other = float(scores[0]), int(np.argmax(scores[1:])) + 1
+            threshold = mine * (1.0 + freeze_margin) + 1e-9
+            action = "freeze" if scores[best_other] > threshold else "continue"
+            alt = others[best_other - 1]
+            what = f"lineage {alt.key}" if alt.key is not None else "a new configuration"
+            return Decision(
+                action,
+                key,
+                acquisition=mine,
+                predicted_mean=float(mean[0]),
+                predicted_std=float(std[0]),
+                alternatives=_top([own, *others], scores, 5),
+                reason=f"EI {mine:.4g} here vs {scores[best_other]:.4g} for {what}",
+            )
+
+    def predict(self, history: History, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and std at ``candidates``, in the history's original units."""
+        with self._lock:
+            self._fit(history)
+            if self._surrogate is None or not self._surrogate.ready:
+                raise RuntimeError("The surrogate could not be fitted on this history.")
+            mean, std = self._surrogate.predict(history.candidate_rows(candidates))
+            return mean * history.y_std + history.y_mean, std * history.y_std
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _thaw_candidates(self, history: History) -> list[Candidate]:
+        max_steps = history.max_steps
+        return [
+            Candidate(lin.config, lin.next_step, lin.key)
+            for lin in history.lineages
+            if lin.thawable and lin.steps and (max_steps is None or lin.next_step < max_steps)
+        ]
+
+    def _new_candidates(self, history: History, step: int = 0) -> list[Candidate]:
+        space = history.space
+        configs = space.sample(self.settings.pool_size, self._rng)
+        # NOTE: local moves around the best lineages so far, for a sharper pool than random alone.
+        ranked = sorted(
+            (lin for lin in history.lineages if lin.values), key=lambda lin: max(lin.values), reverse=True
+        )[:8]
+        for i in range(self.settings.n_local if ranked else 0):
+            configs.append(space.perturb(ranked[i % len(ranked)].config, self._rng))
+        existing = {space.encode(lin.config).tobytes() for lin in history.lineages}
+        unique: dict[bytes, dict[str, Any]] = {}
+        for c in configs:
+            code = space.encode(c).tobytes()
+            if code not in existing:
+                unique.setdefault(code, c)
+        return [Candidate(c, step, None) for c in unique.values()]
+
+    def _random_new(self, history: History, reason: str) -> Decision:
+        pool = self._new_candidates(history) if history.space.dimensions else []
+        config = dict(pool[0].config) if pool else history.space.sample(1, self._rng)[0]
+        return Decision("new", config=config, reason=reason)
+
+    def _fit(self, history: History) -> None:
+        # NOTE: refit only when the history changed since the last fit; the pruner and the
+        # sampler of one study share this policy, so one report costs one refinement.
+        key = (
+            history.space,
+            history.n_observations,
+            tuple((lin.key, len(lin.values), lin.values[-1] if lin.values else None) for lin in history.lineages),
+        )
+        if key == self._fitted_key and self._surrogate is not None and self._surrogate.ready:
+            return
+        if history.n_observations < 2:
+            return
+        if self._surrogate is None or self._surrogate.config_dim != history.space.width:
+            self._surrogate = DeepKernelSurrogate(
+                history.space.width,
+                history.embedding_dim,
+                use_curve=self.settings.use_curve,
+                settings=self.settings.fit,
+                seed=self._seed,
+                device=self._device,
+            )
+        rows, targets, _ = history.training_rows()
+        newest = np.zeros(len(rows), dtype=bool)
+        end = 0
+        for lin in history.lineages:
+            end += len(lin.values)
+            if lin.values:
+                newest[end - 1] = True
+        self._surrogate.fit(rows, targets, keep=newest)
+        self._fitted_key = key
+
+    def _score(
+        self, history: History, candidates: Sequence[Candidate]
+    ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        self._fit(history)
+        if self._surrogate is None or not self._surrogate.ready:
+            return None, np.zeros(0), np.zeros(0)
+        mean, std = self._surrogate.predict(history.candidate_rows(candidates))
+        budgets = np.array([c.step + 1.0 for c in candidates])
+        observed_budgets, observed_values = history.observed()
+        best = incumbents(budgets, observed_budgets, observed_values)
+        return expected_improvement(mean, std, best), mean, std
+
+
+def _top(candidates: Sequence[Candidate], scores: np.ndarray, k: int) -> list[tuple[int | None, float]]:
+    order = np.argsort(-scores)[:k]
+    return [(candidates[i].key, float(scores[i])) for i in order]

@@ -1,0 +1,212 @@
+"""Deep-kernel GP: a feature extractor over (configuration, budget, curve, weights) under an exact GP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+import math
+import threading
+
+import gpytorch
+import numpy as np
+import torch
+
+from optuna_fms.engine.device import resolve_device
+from optuna_fms.engine.history import Rows
+
+_logger = logging.getLogger(__name__)
+
+
+class FeatureExtractor(torch.nn.Module):
+    """psi(x, b, curve, w): config MLP, a 1-D conv over the curve, and the weight embedding.
+
+    The three branches are concatenated and mixed by one more layer, as in DyHPO/FMS. The
+    curve branch reads two channels, the standardized values and a mask of real entries, so a
+    padded zero is not mistaken for an observed value.
+    """
+
+    def __init__(
+        self,
+        config_dim: int,
+        embedding_dim: int = 0,
+        *,
+        hidden: int = 64,
+        out: int = 32,
+        curve_channels: int = 4,
+        use_curve: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config_dim = config_dim
+        self.embedding_dim = embedding_dim
+        self.use_curve = use_curve
+        self.config_net = torch.nn.Sequential(torch.nn.Linear(config_dim + 1, hidden), torch.nn.LeakyReLU())
+        self.curve_net = torch.nn.Sequential(
+            torch.nn.Conv1d(2, curve_channels, kernel_size=3, padding=1),
+            torch.nn.AdaptiveMaxPool1d(1),
+            torch.nn.Flatten(),
+        )
+        width = hidden + (curve_channels if use_curve else 0) + embedding_dim
+        self.head = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.LeakyReLU())
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        x, budget, curve, mask, embedding = unpack(packed, self.config_dim, self.embedding_dim)
+        parts = [self.config_net(torch.cat([x, budget], dim=-1))]
+        if self.use_curve:
+            parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
+        if self.embedding_dim:
+            parts.append(embedding)
+        return self.head(torch.cat(parts, dim=-1))
+
+
+def pack(rows: Rows) -> np.ndarray:
+    """Rows -> one matrix, because an ExactGP takes a single input tensor."""
+    return np.concatenate(
+        [rows.x, rows.budget[:, None], rows.curve, rows.mask, rows.embedding], axis=1
+    )
+
+
+def unpack(packed: torch.Tensor, config_dim: int, embedding_dim: int) -> tuple[torch.Tensor, ...]:
+    length = (packed.shape[-1] - config_dim - 1 - embedding_dim) // 2
+    x, budget, curve, mask, embedding = torch.split(
+        packed, [config_dim, 1, length, length, embedding_dim], dim=-1
+    )
+    return x, budget, curve, mask, embedding
+
+
+@dataclass
+class FitSettings:
+    """How the surrogate is trained: a full fit from scratch, then short refinements."""
+
+    full_steps: int = 300
+    refine_steps: int = 30
+    learning_rate: float = 1e-2
+    refit_every: int = 50  # a fit from scratch every this many new observations
+    max_rows: int = 384  # exact GP on at most this many rows (the newest of each lineage kept)
+
+
+class DeepKernelSurrogate:
+    """An exact GP whose kernel reads the learned features; thread-safe, refit incrementally."""
+
+    def __init__(
+        self,
+        config_dim: int,
+        embedding_dim: int = 0,
+        *,
+        use_curve: bool = True,
+        settings: FitSettings | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.config_dim = config_dim
+        self.embedding_dim = embedding_dim
+        self.use_curve = use_curve
+        self.settings = settings or FitSettings()
+        self.device = resolve_device(device)
+        self._seed = seed
+        self._n_fits = 0
+        self._model: _ExactDKGP | None = None
+        self._fitted_on = 0  # observations at the last fit from scratch
+        self._lock = threading.RLock()
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def fit(self, rows: Rows, targets: np.ndarray, *, keep: np.ndarray | None = None) -> None:
+        """Fit on ``rows``; from scratch the first time and every ``refit_every`` observations.
+
+        ``keep`` flags rows that must survive subsampling (each lineage's newest observation).
+        """
+        with self._lock:
+            index = _subsample(len(rows), self.settings.max_rows, keep, seed=self._seed + self._n_fits)
+            inputs = torch.as_tensor(pack(rows.take(index)), dtype=torch.float64, device=self.device)
+            y = torch.as_tensor(targets[index], dtype=torch.float64, device=self.device)
+            from_scratch = (
+                self._model is None or len(rows) - self._fitted_on >= self.settings.refit_every
+            )
+            # NOTE: fork_rng keeps the user's global torch RNG stream untouched, so a training
+            # loop that calls the pruner between epochs stays reproducible.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._seed + self._n_fits)
+                if from_scratch:
+                    self._model = self._new_model(inputs, y)
+                    self._fitted_on = len(rows)
+                else:
+                    assert self._model is not None
+                    self._model.set_train_data(inputs, y, strict=False)
+                steps = self.settings.full_steps if from_scratch else self.settings.refine_steps
+                try:
+                    self._train(steps)
+                except (RuntimeError, ValueError, gpytorch.utils.errors.NotPSDError) as err:
+                    # NOTE: a numerical failure (e.g. Cholesky) restarts from scratch next time.
+                    _logger.warning("Surrogate fit failed (%s); it restarts from scratch.", err)
+                    self._model = None
+            self._n_fits += 1
+
+    def predict(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and standard deviation of the latent function (standardized units)."""
+        with self._lock:
+            if self._model is None:
+                raise RuntimeError("The surrogate has not been fitted.")
+            model = self._model
+            model.eval()
+            inputs = torch.as_tensor(pack(rows), dtype=torch.float64, device=self.device)
+            with torch.no_grad(), gpytorch.settings.fast_pred_var(), gpytorch.settings.cholesky_jitter(1e-6):
+                posterior = model(inputs)
+                mean = posterior.mean
+                std = posterior.variance.clamp_min(1e-12).sqrt()
+            return mean.cpu().numpy(), std.cpu().numpy()
+
+    def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactDKGP:
+        extractor = FeatureExtractor(self.config_dim, self.embedding_dim, use_curve=self.use_curve)
+        likelihood = gpytorch.likelihoods.GaussianLikelihood(
+            noise_constraint=gpytorch.constraints.GreaterThan(1e-4)
+        )
+        return _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=torch.float64)
+
+    def _train(self, steps: int) -> None:
+        assert self._model is not None
+        model = self._model
+        model.train()
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.learning_rate)
+        inputs, y = model.train_inputs[0], model.train_targets
+        with gpytorch.settings.cholesky_jitter(1e-6), gpytorch.settings.max_cholesky_size(4096):
+            for _ in range(steps):
+                optimizer.zero_grad()
+                loss = -mll(model(inputs), y)
+                if not math.isfinite(loss.item()):
+                    raise ValueError("non-finite marginal likelihood")
+                loss.backward()
+                optimizer.step()
+        model.eval()
+
+
+def _subsample(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> np.ndarray:
+    if n <= cap:
+        return np.arange(n)
+    kept = np.flatnonzero(keep) if keep is not None else np.zeros(0, dtype=int)
+    if len(kept) >= cap:
+        return kept[-cap:]
+    rest = np.setdiff1d(np.arange(n), kept)
+    rng = np.random.default_rng(seed)
+    extra = rng.choice(rest, size=cap - len(kept), replace=False)
+    return np.sort(np.concatenate([kept, extra]))
+
+
+class _ExactDKGP(gpytorch.models.ExactGP):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        likelihood: gpytorch.likelihoods.GaussianLikelihood,
+        extractor: FeatureExtractor,
+    ) -> None:
+        super().__init__(inputs, targets, likelihood)
+        self.extractor = extractor
+        self.mean_module = gpytorch.means.ConstantMean()
+        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+
+    def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        z = self.extractor(packed)
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))

@@ -1,0 +1,119 @@
+"""FMSPruner: after each report, freeze the run when another candidate deserves the next step."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import TYPE_CHECKING
+
+from optuna.pruners import BasePruner
+
+from optuna_fms import lineage as lin_mod
+from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
+from optuna_fms._warnings import warn_once
+from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.study import Study
+    from optuna.trial import FrozenTrial
+
+
+class FMSPruner(BasePruner):
+    """Freeze (not kill) a run that is no longer the best use of compute.
+
+    On each report, the surrogate is refined with the new point, and the run's expected
+    improvement at its next step is compared with that of the alternatives: frozen lineages
+    (when :class:`optuna_fms.FMSSampler` can thaw them) and new configurations. A frozen
+    trial ends PRUNED with the reason in ``fms:frozen``; its checkpoint stays, and the sampler
+    may continue it later in a new trial. With another sampler this is plain early stopping.
+    A NaN or infinite report marks the lineage failed and stops it.
+
+    Args:
+        freeze_margin: Against thrashing: freeze only when an alternative's EI exceeds this
+            run's by this relative margin.
+        min_segment_steps: Against thrashing: steps a (thawed) segment runs at least.
+        max_steps: Run length in steps; default: the longest finished run so far.
+        n_startup_trials: Only used with another sampler: never stop a run before this many
+            configurations were tried.
+        seed: Seed of this pruner's own engine (used only with another sampler).
+        device: Device of that engine.
+        artifact_store: Where checkpoints live, if not given to the sampler.
+    """
+
+    def __init__(
+        self,
+        *,
+        freeze_margin: float = 0.2,
+        min_segment_steps: int = 1,
+        max_steps: int | None = None,
+        n_startup_trials: int = 8,
+        seed: int | None = None,
+        device: str | None = None,
+        artifact_store: ArtifactStore | None = None,
+    ) -> None:
+        if freeze_margin < 0 or min_segment_steps < 1:
+            raise ValueError("freeze_margin must be >= 0 and min_segment_steps >= 1.")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError("max_steps must be >= 1.")
+        self.freeze_margin = freeze_margin
+        self.min_segment_steps = min_segment_steps
+        self.max_steps = max_steps
+        self.artifact_store = artifact_store
+        self._own = FreezeThawPolicy(PolicySettings(n_startup=n_startup_trials), seed=seed, device=device)
+        self._own_lock = threading.RLock()
+        self._decided: dict[tuple[int, int], bool] = {}
+
+    def prune(self, study: Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        memo = (trial._trial_id, step)
+        if memo in self._decided:  # should_prune twice at one step answers the same
+            return self._decided[memo]
+        value = trial.intermediate_values[step]
+        if not math.isfinite(value):
+            reason = f"step {step} reported {value}"
+            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FAILED, reason)
+            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}")
+            self._decided[memo] = True
+            return True
+        decision = self._decide(study, trial)
+        frozen = decision.action == "freeze"
+        if frozen:
+            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FROZEN, decision.reason)
+            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}")
+        self._decided[memo] = frozen
+        return frozen
+
+    def _decide(self, study: Study, trial: FrozenTrial) -> Decision:
+        from optuna_fms.sampler import FMSSampler
+
+        sampler = study.sampler
+        shared = isinstance(sampler, FMSSampler)
+        policy, lock = (sampler.policy, sampler.lock) if shared else (self._own, self._own_lock)
+        with lock:
+            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            mine = next((lin for lin in lineages if any(t.number == trial.number for t in lin.trials)), None)
+            if mine is None:
+                return Decision("continue", reason="trial not found")
+            resumable = shared and bool(mine.checkpoints)
+            if shared and not mine.checkpoints:
+                warn_once(
+                    f"no-checkpoint:{study._study_id}",
+                    f"Trial {trial.number} reported before saving any checkpoint, so FMS cannot "
+                    "resume it: freezing would end it. Call optuna_fms.save_checkpoint before "
+                    "trial.report to make runs resumable.",
+                )
+            space = engine_space(optuna_search_space(study))
+            history = make_history(
+                study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps)
+            )
+            return policy.should_continue(
+                history,
+                mine.id,
+                segment_steps=len(trial.intermediate_values),
+                can_thaw=resumable,
+                freeze_margin=self.freeze_margin,
+                min_segment_steps=self.min_segment_steps,
+            )

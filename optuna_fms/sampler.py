@@ -1,0 +1,148 @@
+"""FMSSampler: thaw the frozen lineage or start the new configuration the engine scores best."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import threading
+from typing import TYPE_CHECKING, Any
+
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_fms import lineage as lin_mod
+from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
+from optuna_fms._warnings import warn_once
+from optuna_fms.engine.policy import FreezeThawPolicy, PolicySettings
+from optuna_fms.engine.surrogate import FitSettings
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.distributions import BaseDistribution
+    from optuna.study import Study
+
+
+class FMSSampler(BaseSampler):
+    """Forecasting Model Search: DyHPO-style freeze-thaw BO with a deep-kernel GP.
+
+    Before each trial, the engine scores every frozen lineage at its next step and a pool of
+    new configurations at their first step by multi-fidelity expected improvement. The best
+    frozen lineage is thawed (the new trial gets its params, ``fms:parent`` and resumes from
+    its checkpoint through :func:`optuna_fms.load_checkpoint`), or the best new configuration
+    is suggested. Use it with :class:`optuna_fms.FMSPruner`, which freezes runs.
+
+    Args:
+        seed: Seed of the candidate pool, the start-up design and the surrogate.
+        n_startup_trials: Random configurations (one step each under freeze-thaw) before the
+            surrogate decides.
+        independent_sampler: Sampler for parameters outside the shared search space.
+        artifact_store: Where checkpoints live; default: a folder next to the storage file.
+        device: Device of the surrogate; default CUDA when available, else CPU.
+        pool_size: Random new configurations scored per decision.
+        use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
+        fit_settings: Surrogate training schedule (full fits and refinements).
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int | None = None,
+        n_startup_trials: int = 8,
+        independent_sampler: BaseSampler | None = None,
+        artifact_store: ArtifactStore | None = None,
+        device: str | None = None,
+        pool_size: int = 256,
+        use_learning_curve: bool = True,
+        fit_settings: FitSettings | None = None,
+    ) -> None:
+        settings = PolicySettings(
+            n_startup=n_startup_trials,
+            pool_size=pool_size,
+            use_curve=use_learning_curve,
+            fit=fit_settings or FitSettings(),
+        )
+        self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
+        self.artifact_store = artifact_store
+        self._independent = independent_sampler or RandomSampler(seed=seed)
+        # NOTE: with n_jobs > 1 the threads share this object; the lock serializes decisions
+        # (and thereby claims) within a process, and the pruner takes it too.
+        self.lock = threading.RLock()
+        self._new_configs: dict[int, dict[str, Any]] = {}
+        self._spaces: dict[int, dict[str, BaseDistribution]] = {}
+        self._last_space: Any = None
+
+    def reseed_rng(self) -> None:
+        self.policy.reseed(None)
+        self._independent.reseed_rng()
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        if "fixed_params" in trial.system_attrs:
+            return  # enqueued or retried trials are decided already (GridSampler's rule)
+        from optuna_fms.pruner import FMSPruner
+
+        pruner = study.pruner
+        can_thaw = isinstance(pruner, FMSPruner)
+        if not can_thaw:
+            warn_once(
+                "sampler-without-pruner",
+                "FMSSampler runs without FMSPruner: no run is ever frozen, so nothing can be "
+                "thawed; FMSSampler only chooses new configurations (scored at their final step).",
+            )
+        with self.lock:
+            distributions = optuna_search_space(study)
+            space = engine_space(distributions)
+            if self._last_space is not None and self._last_space.dimensions and space != self._last_space:
+                warn_once(
+                    f"space:{study._study_id}:{tuple(space.names)}",
+                    f"The search space changed to {space.names}; lineages outside it are no "
+                    "longer thawed, and other parameters are sampled independently.",
+                )
+            self._last_space = space
+            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
+            history = make_history(study, lineages, space, max_steps=max_steps)
+            new_step = 0 if can_thaw or not max_steps else max_steps - 1
+            by_id = {lin.id: lin for lin in lineages}
+            lost: set[int] = set()
+            while True:
+                decision = self.policy.choose_next(history, exclude=frozenset(lost), new_step=new_step)
+                if decision.action != "thaw" or decision.key is None:
+                    break
+                chosen = by_id[decision.key]
+                if lin_mod.claim(study, trial, chosen.tail.number):
+                    lin_mod.mark_thaw(study, trial, chosen, decision.reason)
+                    return
+                lost.add(decision.key)
+            self._new_configs[trial._trial_id] = decision.config or {}
+            self._spaces[trial._trial_id] = distributions
+            lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
+            lin_mod.set_user_attr(study, trial, lin_mod.USER_DECISION, decision.reason)
+
+    def infer_relative_search_space(
+        self, study: Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._spaces.get(trial._trial_id, {})
+
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        config = self._new_configs.get(trial._trial_id, {})
+        return {name: config[name] for name in search_space if name in config}
+
+    def sample_independent(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._independent.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._new_configs.pop(trial._trial_id, None)
+        self._spaces.pop(trial._trial_id, None)
