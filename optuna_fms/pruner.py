@@ -12,6 +12,7 @@ from optuna_fms import lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
 from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
+from optuna_fms.engine.surrogate import FitSettings
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -39,6 +40,7 @@ class FMSPruner(BasePruner):
         seed: Seed of this pruner's own engine (used only with another sampler).
         device: Device of that engine.
         artifact_store: Where checkpoints live, if not given to the sampler.
+        fit_settings: Training schedule of this pruner's own surrogate (other samplers only).
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class FMSPruner(BasePruner):
         seed: int | None = None,
         device: str | None = None,
         artifact_store: ArtifactStore | None = None,
+        fit_settings: FitSettings | None = None,
     ) -> None:
         if freeze_margin < 0 or min_segment_steps < 1:
             raise ValueError("freeze_margin must be >= 0 and min_segment_steps >= 1.")
@@ -60,7 +63,8 @@ class FMSPruner(BasePruner):
         self.min_segment_steps = min_segment_steps
         self.max_steps = max_steps
         self.artifact_store = artifact_store
-        self._own = FreezeThawPolicy(PolicySettings(n_startup=n_startup_trials), seed=seed, device=device)
+        settings = PolicySettings(n_startup=n_startup_trials, fit=fit_settings or FitSettings())
+        self._own = FreezeThawPolicy(settings, seed=seed, device=device)
         self._own_lock = threading.RLock()
         self._decided: dict[tuple[int, int], bool] = {}
 

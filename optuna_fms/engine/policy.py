@@ -130,9 +130,10 @@ class FreezeThawPolicy:
                 return Decision("continue", key, reason="no observation yet")
             if history.max_steps is not None and lin.next_step >= history.max_steps:
                 return Decision("continue", key, reason="last step of the budget")
-            if len(history.lineages) < self.settings.n_startup:
-                if can_thaw:
-                    return Decision("freeze", key, reason="start-up: one step per configuration")
+            if can_thaw and len(history.lineages) < self.settings.n_startup:
+                return Decision("freeze", key, reason="start-up: one step per configuration")
+            if not can_thaw and sum(not lin.running for lin in history.lineages) < self.settings.n_startup:
+                # NOTE: as early stopping, like MedianPruner: no stop before n_startup runs ended.
                 return Decision("continue", key, reason="start-up")
             if segment_steps < min_segment_steps:
                 return Decision("continue", key, reason="minimum segment length")

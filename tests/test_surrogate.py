@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+
+from optuna_fms.engine import (
+    Candidate,
+    DeepKernelSurrogate,
+    Dimension,
+    FitSettings,
+    FreezeThawPolicy,
+    History,
+    LineageRecord,
+    PolicySettings,
+    SearchSpace,
+)
+from optuna_fms.engine.acquisition import expected_improvement, incumbents
+
+FAST = FitSettings(full_steps=100)
+SPACE = SearchSpace([Dimension("lr", "float", 1e-4, 1e-1, log=True), Dimension("arch", "categorical", choices=("a", "b"))])
+
+
+def _curve(config: dict, steps: int, rng: np.random.Generator) -> list[float]:
+    """Saturating curves whose level depends on lr (best at 1e-2) and the architecture."""
+    level = 0.9 - 0.15 * abs(np.log10(config["lr"]) + 2) - (0.1 if config["arch"] == "b" else 0.0)
+    return [level * (1 - np.exp(-0.4 * (s + 1))) + rng.normal(0, 0.005) for s in range(steps)]
+
+
+def _history(n: int, seed: int = 0, thawable: bool = True) -> History:
+    rng = np.random.default_rng(seed)
+    lineages = []
+    for key, config in enumerate(SPACE.sample(n, rng)):
+        steps = int(rng.integers(1, 12))
+        lineages.append(LineageRecord(key, config, list(range(steps)), _curve(config, steps, rng), thawable=thawable))
+    return History(SPACE, lineages)
+
+
+def test_surrogate_predicts_held_out_curve_points_better_than_the_mean() -> None:
+    history = _history(50)
+    rows, y, _ = history.training_rows()
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(y))
+    train, test = order[: len(y) * 3 // 4], order[len(y) * 3 // 4 :]
+    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=200))
+    model.fit(rows.take(train), y[train])
+    mean, std = model.predict(rows.take(test))
+    rmse = np.sqrt(np.mean((mean - y[test]) ** 2))
+    baseline = np.sqrt(np.mean((y[train].mean() - y[test]) ** 2))
+    assert rmse < 0.5 * baseline
+    assert np.all(std > 0)
+
+
+def test_refit_reuses_the_model_and_subsamples_rows() -> None:
+    history = _history(40)
+    rows, y, _ = history.training_rows()
+    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, max_rows=64))
+    model.fit(rows, y)
+    first = model._model
+    model.fit(rows, y)
+    assert model._model is first  # a refinement, not a fit from scratch
+    assert len(model._model.train_targets) == 64
+
+
+def test_expected_improvement_properties() -> None:
+    ei = expected_improvement(np.array([0.0, 1.0, 0.0, 0.0]), np.array([1.0, 1.0, 2.0, 0.0]), np.zeros(4))
+    assert ei[1] > ei[0] > 0  # a higher mean helps
+    assert ei[2] > ei[0]  # more uncertainty helps
+    assert ei[3] == 0.0  # no uncertainty and no improvement
+    assert expected_improvement(np.array([2.0]), np.array([0.0]), np.array([1.0]))[0] == pytest.approx(1.0)
+    assert expected_improvement(np.array([0.0]), np.array([1.0]), np.array([0.0]))[0] == pytest.approx(1 / np.sqrt(2 * np.pi))
+
+
+def test_incumbent_is_per_budget() -> None:
+    budgets = np.array([1.0, 1.0, 2.0, 3.0])
+    values = np.array([0.2, 0.5, 0.7, 0.9])
+    got = incumbents(np.array([1.0, 2.0, 3.0, 5.0]), budgets, values)
+    assert list(got) == [0.5, 0.7, 0.9, 0.9]
+
+
+def test_rows_never_see_their_own_target() -> None:
+    lin = LineageRecord(0, {"lr": 1e-2, "arch": "a"}, [0, 1, 2], [0.1, 0.2, 0.3])
+    history = History(SPACE, [lin], curve_length=4)
+    rows, _, budgets = history.training_rows()
+    assert list(budgets) == [1.0, 2.0, 3.0]
+    assert rows.mask.sum(axis=1).tolist() == [0.0, 1.0, 2.0]
+    cand = history.candidate_rows([Candidate(lin.config, 3, 0)])
+    assert cand.mask.sum() == 3.0
+
+
+def test_policy_prefers_the_promising_frozen_lineage() -> None:
+    rng = np.random.default_rng(0)
+    good = {"lr": 1e-2, "arch": "a"}
+    lineages = [LineageRecord(0, good, [0, 1], _curve(good, 2, rng), thawable=True)]
+    for key, config in enumerate(SPACE.sample(30, rng), start=1):
+        if abs(np.log10(config["lr"]) + 2) < 1 and config["arch"] == "a":
+            continue
+        lineages.append(LineageRecord(key, config, list(range(6)), _curve(config, 6, rng), thawable=True))
+    history = History(SPACE, lineages, max_steps=12)
+    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
+    decision = policy.choose_next(history)
+    assert decision.action == "thaw" and decision.key == 0, decision
+    # Excluding it (a lost claim) moves the choice elsewhere.
+    assert policy.choose_next(history, exclude=frozenset({0})).key != 0
+
+
+def test_policy_start_up_is_random_then_freezes_after_one_step() -> None:
+    policy = FreezeThawPolicy(PolicySettings(n_startup=5, fit=FAST), seed=0)
+    history = _history(3)
+    assert policy.choose_next(history).action == "new"
+    decision = policy.should_continue(history, 0, segment_steps=1, can_thaw=True)
+    assert decision.action == "freeze"
+    assert policy.should_continue(history, 0, segment_steps=1, can_thaw=False).action == "continue"
+
+
+def test_policy_freezes_a_poor_run_and_the_margin_holds_it_back() -> None:
+    rng = np.random.default_rng(3)
+    lineages = [
+        LineageRecord(key, config, list(range(4)), _curve(config, 4, rng), thawable=True)
+        for key, config in enumerate(SPACE.sample(20, rng), start=1)
+    ]
+    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
+
+    poor = {"lr": 1.2e-4, "arch": "b"}
+    history = History(SPACE, [LineageRecord(0, poor, [0, 1, 2, 3], _curve(poor, 4, rng), running=True), *lineages], max_steps=20)
+    assert policy.should_continue(history, 0, segment_steps=4, can_thaw=True).action == "freeze"
+    assert policy.should_continue(history, 0, segment_steps=1, can_thaw=True, min_segment_steps=2).action == "continue"
+    # The last step of the budget is never frozen: the run ends there anyway.
+    done = History(SPACE, history.lineages, max_steps=4)
+    assert policy.should_continue(done, 0, segment_steps=4, can_thaw=True).action == "continue"
+
+    decent = {"lr": 3e-3, "arch": "a"}
+    history = History(SPACE, [LineageRecord(0, decent, [0, 1], _curve(decent, 2, rng), running=True), *lineages], max_steps=20)
+    first = policy.should_continue(history, 0, segment_steps=2, can_thaw=True, freeze_margin=0.0)
+    assert first.acquisition is not None and first.acquisition > 0
+    ratio = max(score for _, score in first.alternatives) / first.acquisition
+    held = policy.should_continue(history, 0, segment_steps=2, can_thaw=True, freeze_margin=2 * ratio)
+    assert held.action == "continue", held
