@@ -39,6 +39,8 @@ class FMSSampler(BaseSampler):
         device: Device of the surrogate; default CUDA when available, else CPU.
         pool_size: Random new configurations scored per decision.
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
+        target: ``"final"`` (default): EI of the forecast at the deepest step seen so far, per
+            step still needed; ``"next"``: DyHPO's EI one step ahead.
         fit_settings: Surrogate training schedule (full fits and refinements).
     """
 
@@ -52,12 +54,16 @@ class FMSSampler(BaseSampler):
         device: str | None = None,
         pool_size: int = 256,
         use_learning_curve: bool = True,
+        target: str = "final",
         fit_settings: FitSettings | None = None,
     ) -> None:
+        if target not in ("final", "next"):
+            raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
         settings = PolicySettings(
             n_startup=n_startup_trials,
             pool_size=pool_size,
             use_curve=use_learning_curve,
+            target=target,
             fit=fit_settings or FitSettings(),
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)

@@ -30,7 +30,7 @@ def _history(n: int, seed: int = 0, thawable: bool = True) -> History:
     for key, config in enumerate(SPACE.sample(n, rng)):
         steps = int(rng.integers(1, 12))
         lineages.append(LineageRecord(key, config, list(range(steps)), _curve(config, steps, rng), thawable=thawable))
-    return History(SPACE, lineages)
+    return History(SPACE, lineages, max_steps=12)
 
 
 def test_surrogate_predicts_held_out_curve_points_better_than_the_mean() -> None:
@@ -78,11 +78,19 @@ def test_incumbent_is_per_budget() -> None:
 def test_rows_never_see_their_own_target() -> None:
     lin = LineageRecord(0, {"lr": 1e-2, "arch": "a"}, [0, 1, 2], [0.1, 0.2, 0.3])
     history = History(SPACE, [lin], curve_length=4)
-    rows, _, budgets = history.training_rows()
-    assert list(budgets) == [1.0, 2.0, 3.0]
+    rows, _, newest = history.training_rows()
+    assert list(rows.budget * history.max_budget) == [1.0, 2.0, 3.0]
     assert rows.mask.sum(axis=1).tolist() == [0.0, 1.0, 2.0]
+    assert newest.tolist() == [False, False, True]
     cand = history.candidate_rows([Candidate(lin.config, 3, 0)])
     assert cand.mask.sum() == 3.0
+    # A forecast query sees the same curve, at a later budget.
+    far = history.candidate_rows([Candidate(lin.config, 3, 0, horizon=9)])
+    assert far.mask.sum() == 3.0 and far.budget[0] * history.max_budget == 10.0
+    # Forecast rows add shorter prefixes of the same observations, never longer ones.
+    rows, targets, newest = history.training_rows(forecast_seed=0)
+    assert len(rows) == 5 and newest.sum() == 1
+    assert all(m <= b * history.max_budget - 1 for m, b in zip(rows.mask.sum(axis=1), rows.budget))
 
 
 def test_policy_prefers_the_promising_frozen_lineage() -> None:
@@ -133,3 +141,16 @@ def test_policy_freezes_a_poor_run_and_the_margin_holds_it_back() -> None:
     ratio = max(score for _, score in first.alternatives) / first.acquisition
     held = policy.should_continue(history, 0, segment_steps=2, can_thaw=True, freeze_margin=2 * ratio)
     assert held.action == "continue", held
+
+
+def test_deepest_run_is_not_frozen_while_the_run_length_is_unknown() -> None:
+    rng = np.random.default_rng(5)
+    poor = {"lr": 1.2e-4, "arch": "b"}
+    lineages = [LineageRecord(0, poor, list(range(6)), _curve(poor, 6, rng), running=True)]
+    for key, config in enumerate(SPACE.sample(12, rng), start=1):
+        lineages.append(LineageRecord(key, config, [0, 1], _curve(config, 2, rng), thawable=True))
+    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
+    unknown = policy.should_continue(History(SPACE, lineages), 0, segment_steps=6, can_thaw=True)
+    assert unknown.action == "continue" and "unknown" in unknown.reason
+    known = policy.should_continue(History(SPACE, lineages, max_steps=12), 0, segment_steps=6, can_thaw=True)
+    assert "unknown" not in known.reason and known.acquisition is not None

@@ -64,11 +64,16 @@ class Rows:
 
 @dataclass
 class Candidate:
-    """A possible use of the next step: continue lineage ``key`` or start ``config`` (key None)."""
+    """A possible use of the next step: continue lineage ``key`` or start ``config`` (key None).
+
+    ``step`` is the step it would run next; the surrogate is queried at ``horizon`` (default:
+    that same step) from the values observed before ``step``.
+    """
 
     config: Mapping[str, Any]
     step: int
     key: int | None = None
+    horizon: int | None = None
 
 
 class History:
@@ -99,22 +104,33 @@ class History:
     def standardize(self, values: np.ndarray | Sequence[float]) -> np.ndarray:
         return (np.asarray(values, dtype=float) - self.y_mean) / self.y_std
 
-    def training_rows(self) -> tuple[Rows, np.ndarray, np.ndarray]:
-        """Every observation as a row; returns (rows, standardized targets, budgets in steps+1)."""
-        configs, steps, keys, targets = [], [], [], []
+    def training_rows(self, forecast_seed: int | None = None) -> tuple[Rows, np.ndarray, np.ndarray]:
+        """Every observation as a row: (rows, standardized targets, flags of each lineage's newest row).
+
+        Each row sees the whole curve before its step. With ``forecast_seed``, every
+        observation with a curve before it gets a second row that sees only a random shorter
+        prefix: the surrogate then also learns to forecast several steps ahead.
+        """
+        configs, steps, keys, targets, prefixes, newest = [], [], [], [], [], []
+        rng = np.random.default_rng(forecast_seed)
         for lin in self.lineages:
-            for s, v in zip(lin.steps, lin.values):
-                configs.append(lin.config)
-                steps.append(s)
-                keys.append(lin.key)
-                targets.append(v)
-        rows = self._rows(configs, steps, keys)
-        return rows, self.standardize(targets), np.asarray(steps, dtype=float) + 1.0
+            for i, (s, v) in enumerate(zip(lin.steps, lin.values)):
+                shorter = [int(rng.integers(0, i))] if forecast_seed is not None and i > 0 else []
+                for prefix in [i, *shorter]:
+                    configs.append(lin.config)
+                    steps.append(s)
+                    keys.append(lin.key)
+                    targets.append(v)
+                    prefixes.append(prefix)
+                    newest.append(prefix == i == len(lin.steps) - 1)
+        rows = self._rows(configs, steps, keys, prefixes)
+        return rows, self.standardize(targets), np.asarray(newest, dtype=bool)
 
     def candidate_rows(self, candidates: Sequence[Candidate]) -> Rows:
-        return self._rows(
-            [c.config for c in candidates], [c.step for c in candidates], [c.key for c in candidates]
-        )
+        horizons = [c.step if c.horizon is None else c.horizon for c in candidates]
+        prefixes = [len([s for s in self.by_key[c.key].steps if s < c.step]) if c.key in self.by_key else 0
+                    for c in candidates]
+        return self._rows([c.config for c in candidates], horizons, [c.key for c in candidates], prefixes)
 
     def observed(self) -> tuple[np.ndarray, np.ndarray]:
         """(budgets, standardized values) of every observation, for per-fidelity incumbents."""
@@ -123,24 +139,31 @@ class History:
         return np.asarray(budgets, dtype=float), self.standardize(values)
 
     def _rows(
-        self, configs: Sequence[Mapping[str, Any]], steps: Sequence[int], keys: Sequence[int | None]
+        self,
+        configs: Sequence[Mapping[str, Any]],
+        steps: Sequence[int],
+        keys: Sequence[int | None],
+        prefixes: Sequence[int],
     ) -> Rows:
+        """Rows at budget ``step + 1`` that see the first ``prefix`` values of their lineage."""
         n, length = len(configs), self.curve_length
         curve = np.zeros((n, length))
         mask = np.zeros((n, length))
         embedding = np.zeros((n, self.embedding_dim))
-        for i, (step, key) in enumerate(zip(steps, keys)):
+        for i, (step, key, prefix) in enumerate(zip(steps, keys, prefixes)):
             lin = self.by_key.get(key) if key is not None else None
             if lin is None:
                 continue
-            # NOTE: only values reported strictly before this row's step, so a row never sees
-            # its own target, and a candidate sees exactly what has been paid for.
-            before = [v for s, v in zip(lin.steps, lin.values) if s < step][-length:]
+            # NOTE: only values reported strictly before this row's step (and within its
+            # prefix), so a row never sees its own target, and a candidate sees exactly what
+            # has been paid for.
+            seen = lin.steps[:prefix]
+            before = [v for s, v in zip(seen, lin.values) if s < step][-length:]
             if before:
                 curve[i, length - len(before) :] = self.standardize(before)
                 mask[i, length - len(before) :] = 1.0
-            if self.embedding_dim:
-                embedding[i] = _latest_embedding(lin, step, self.embedding_dim)
+            if self.embedding_dim and seen:
+                embedding[i] = _latest_embedding(lin, seen[-1] + 1, self.embedding_dim)
         return Rows(
             x=self.space.encode_many(configs),
             budget=(np.asarray(steps, dtype=float) + 1.0) / self.max_budget,

@@ -27,6 +27,11 @@ class PolicySettings:
     pool_size: int = 256
     n_local: int = 64
     use_curve: bool = True
+    # NOTE: "final" scores every candidate by the EI of its forecast value at the deepest
+    # step observed so far over the best value seen (as DPL does at the last step; the
+    # surrogate also trains on forecasts from shorter curve prefixes). "next" is DyHPO/FMS as published: EI one step ahead, over the
+    # best value seen at that budget; it tends to start new configurations over deepening.
+    target: str = "final"
     fit: FitSettings = field(default_factory=FitSettings)
 
 
@@ -130,6 +135,11 @@ class FreezeThawPolicy:
                 return Decision("continue", key, reason="no observation yet")
             if history.max_steps is not None and lin.next_step >= history.max_steps:
                 return Decision("continue", key, reason="last step of the budget")
+            if history.max_steps is None and lin.next_step >= max(o.next_step for o in history.lineages):
+                # NOTE: while the run length is unknown, the deepest run is never frozen: it may
+                # be at its last step (a thaw would then have nothing left to do), and when it
+                # finishes it reveals the run length.
+                return Decision("continue", key, reason="deepest run while the run length is unknown")
             if can_thaw and len(history.lineages) < self.settings.n_startup:
                 return Decision("freeze", key, reason="start-up: one step per configuration")
             if not can_thaw and sum(not lin.running for lin in history.lineages) < self.settings.n_startup:
@@ -221,14 +231,9 @@ class FreezeThawPolicy:
                 seed=self._seed,
                 device=self._device,
             )
-        rows, targets, _ = history.training_rows()
-        newest = np.zeros(len(rows), dtype=bool)
-        end = 0
-        for lin in history.lineages:
-            end += len(lin.values)
-            if lin.values:
-                newest[end - 1] = True
-        self._surrogate.fit(rows, targets, keep=newest)
+        forecast = self._seed + history.n_observations if self.settings.target == "final" else None
+        rows, targets, newest = history.training_rows(forecast_seed=forecast)
+        self._surrogate.fit(rows, targets, keep=newest)  # each lineage's newest row is kept
         self._fitted_key = key
 
     def _score(
@@ -237,11 +242,23 @@ class FreezeThawPolicy:
         self._fit(history)
         if self._surrogate is None or not self._surrogate.ready:
             return None, np.zeros(0), np.zeros(0)
-        mean, std = self._surrogate.predict(history.candidate_rows(candidates))
-        budgets = np.array([c.step + 1.0 for c in candidates])
         observed_budgets, observed_values = history.observed()
-        best = incumbents(budgets, observed_budgets, observed_values)
-        return expected_improvement(mean, std, best), mean, std
+        if self.settings.target == "final":
+            # NOTE: a GP cannot extrapolate in the budget, so the horizon is the deepest step
+            # observed so far (it moves out as runs go deeper), capped by the run length.
+            deepest = int(observed_budgets.max()) - 1
+            horizon = deepest if history.max_steps is None else min(deepest, history.max_steps - 1)
+            queries = [Candidate(c.config, c.step, c.key, horizon=max(horizon, c.step)) for c in candidates]
+            best = np.full(len(candidates), observed_values.max())
+            # NOTE: cost-aware (as Quick-Tune): EI per step still needed to reach the horizon.
+            cost = np.array([max(horizon, c.step) - c.step + 1.0 for c in candidates])
+        else:
+            queries = list(candidates)
+            budgets = np.array([c.step + 1.0 for c in candidates])
+            best = incumbents(budgets, observed_budgets, observed_values)
+            cost = np.ones(len(candidates))
+        mean, std = self._surrogate.predict(history.candidate_rows(queries))
+        return expected_improvement(mean, std, best) / cost, mean, std
 
 
 def _top(candidates: Sequence[Candidate], scores: np.ndarray, k: int) -> list[tuple[int | None, float]]:

@@ -104,7 +104,7 @@ class SearchSpace:
                     out[d.name] = d.choices[int(rng.integers(len(d.choices)))]
             else:
                 u = _to_unit(d, float(config[d.name])) + rng.normal(0.0, scale)
-                out[d.name] = _from_unit(d, float(np.clip(u, 0.0, 1.0)))
+                out[d.name] = _from_unit(d, _reflect(u))
         return out
 
     def contains(self, config: Mapping[str, Any]) -> bool:
@@ -119,6 +119,12 @@ class SearchSpace:
             elif not (isinstance(value, (int, float)) and d.low <= float(value) <= d.high):
                 return False
         return True
+
+
+def _reflect(u: float) -> float:
+    """Fold ``u`` back into [0, 1]; clipping would pile local moves up on the bounds."""
+    u = abs(u) % 2.0
+    return 2.0 - u if u > 1.0 else u
 
 
 def _same_choice(a: Any, b: Any) -> bool:

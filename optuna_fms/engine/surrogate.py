@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 import logging
 import math
@@ -136,7 +138,8 @@ class DeepKernelSurrogate:
                     self._model.set_train_data(inputs, y, strict=False)
                 steps = self.settings.full_steps if from_scratch else self.settings.refine_steps
                 try:
-                    self._train(steps)
+                    with _one_thread():
+                        self._train(steps)
                 except (RuntimeError, ValueError, gpytorch.utils.errors.NotPSDError) as err:
                     # NOTE: a numerical failure (e.g. Cholesky) restarts from scratch next time.
                     _logger.warning("Surrogate fit failed (%s); it restarts from scratch.", err)
@@ -144,15 +147,17 @@ class DeepKernelSurrogate:
             self._n_fits += 1
 
     def predict(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-        """Posterior mean and standard deviation of the latent function (standardized units)."""
+        """Predictive mean and standard deviation of an observation (standardized units)."""
         with self._lock:
             if self._model is None:
                 raise RuntimeError("The surrogate has not been fitted.")
             model = self._model
             model.eval()
             inputs = torch.as_tensor(pack(rows), dtype=torch.float64, device=self.device)
-            with torch.no_grad(), gpytorch.settings.fast_pred_var(), gpytorch.settings.cholesky_jitter(1e-6):
-                posterior = model(inputs)
+            with torch.no_grad(), _one_thread(), gpytorch.settings.fast_pred_var(), gpytorch.settings.cholesky_jitter(1e-6):
+                # NOTE: the predictive distribution includes the observation noise, as in DyHPO;
+                # without it a well-observed run's EI collapses to ~0 and it thrashes.
+                posterior = model.likelihood(model(inputs))
                 mean = posterior.mean
                 std = posterior.variance.clamp_min(1e-12).sqrt()
             return mean.cpu().numpy(), std.cpu().numpy()
@@ -180,6 +185,18 @@ class DeepKernelSurrogate:
                 loss.backward()
                 optimizer.step()
         model.eval()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Fit and predict on one thread: faster for these small matrices, and it leaves the
+    other cores to the user's training (Optuna's GPSampler does the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _subsample(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> np.ndarray:
