@@ -123,6 +123,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     metadata: Mapping[str, Any] | None = None,
+    architecture: Mapping[str, Any] | None = None,
     artifact_store: ArtifactStore | None = None,
     save_rng: bool = True,
 ) -> CheckpointRecord:
@@ -130,7 +131,13 @@ def save_checkpoint(
 
     Optimizer and scheduler states are stored as tensors plus a JSON skeleton; the RNG states
     of torch, numpy and ``random`` are stored too (``save_rng``), so a thawed run continues
-    exactly. The step and a SHA-256 of the file are recorded on the trial.
+    exactly. The step and a SHA-256 of the file are recorded on the trial. ``architecture``
+    is an optional description from :func:`optuna_fms.graphs.describe_architecture`, stored so
+    the weights can be read as a graph from the file alone.
+
+    NOTE: the architecture is not traced here: torch.fx patches ``nn.Module.__call__`` for the
+    whole process while it traces, which would break training in other threads (n_jobs > 1).
+    Describe the model once, before the study, and pass the description.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}.")
@@ -138,9 +145,8 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(model_or_state_dict, torch.nn.Module):
         state = model_or_state_dict.state_dict()
-        architecture = _describe(model_or_state_dict)
     else:
-        state, architecture = dict(model_or_state_dict), None
+        state = dict(model_or_state_dict)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"State dict entry {key!r} is a {type(value).__name__}, not a tensor.")
@@ -153,7 +159,7 @@ def save_checkpoint(
         "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors) if optimizer else None,
         "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors) if scheduler else None,
         "rng": _encode(_rng_state(), "rng", tensors) if save_rng else None,
-        "architecture": architecture,
+        "architecture": dict(architecture) if architecture is not None else None,
     }
     study = trial.study
     store = resolve_artifact_store(study, artifact_store)
@@ -182,20 +188,6 @@ def save_checkpoint(
 def _storable(t: torch.Tensor) -> torch.Tensor:
     # NOTE: safetensors refuses shared or strided storage; a contiguous CPU copy is always valid.
     return t.detach().to("cpu", copy=True).contiguous()
-
-
-def _describe(module: torch.nn.Module) -> dict[str, Any] | None:
-    """The module's architecture for the weight featurizer, or None when it cannot be traced."""
-    try:
-        from optuna_fms.graphs.build import describe_architecture
-    except ImportError:
-        return None
-    try:
-        return describe_architecture(module)
-    except Exception as err:  # noqa: BLE001 - a model we cannot describe is still saved
-        warn_once(f"describe:{type(module).__name__}", f"Checkpoints of {type(module).__name__} "
-                   f"carry no architecture, so their weights are not featurized: {err}")
-        return None
 
 
 def _rng_state() -> dict[str, Any]:

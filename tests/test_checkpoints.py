@@ -187,3 +187,16 @@ def test_server_storage_needs_an_explicit_store() -> None:
 
     with pytest.raises(ValueError, match="no default artifact folder"):
         default_artifact_dir(Server())
+
+
+def test_architecture_travels_with_the_checkpoint(tmp_path) -> None:
+    from optuna_fms.graphs import build_graph, describe_architecture, graph_from_module
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    trial = study.ask()
+    model, _, _ = _model()
+    record = optuna_fms.save_checkpoint(trial, model, 0, architecture=describe_architecture(model))
+    ckpt = optuna_fms.read_checkpoint(study, record)
+    assert build_graph(ckpt.state_dict, ckpt.architecture).equals(graph_from_module(model))
+    plain = optuna_fms.read_checkpoint(study, optuna_fms.save_checkpoint(trial, model, 1))
+    assert plain.architecture is None

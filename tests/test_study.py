@@ -123,7 +123,7 @@ def test_fms_pruner_with_another_sampler_is_early_stopping() -> None:
 
 
 def test_fms_sampler_without_pruner_warns_and_samples(caplog) -> None:
-    study = optuna.create_study(direction="maximize", sampler=_sampler())
+    study = optuna.create_study(direction="maximize", sampler=_sampler(), pruner=optuna.pruners.NopPruner())
     with caplog.at_level("WARNING", logger="optuna_fms"):
         study.optimize(finetune_objective(3), n_trials=8)
     assert sum("without FMSPruner" in r.getMessage() for r in caplog.records) == 1

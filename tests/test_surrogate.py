@@ -102,7 +102,7 @@ def test_policy_prefers_the_promising_frozen_lineage() -> None:
             continue
         lineages.append(LineageRecord(key, config, list(range(6)), _curve(config, 6, rng), thawable=True))
     history = History(SPACE, lineages, max_steps=12)
-    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
+    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target="next"), seed=0)
     decision = policy.choose_next(history)
     assert decision.action == "thaw" and decision.key == 0, decision
     # Excluding it (a lost claim) moves the choice elsewhere.
