@@ -31,6 +31,7 @@ USER_LINEAGE = "fms:lineage"
 USER_PARENT = "fms:parent"
 USER_START_STEP = "fms:start_step"
 USER_DECISION = "fms:decision"
+USER_ACQUISITION = "fms:acquisition"
 
 RUNNING, FROZEN_STATE, FINISHED, FAILED_STATE, PRUNED = "running", "frozen", "finished", "failed", "pruned"
 

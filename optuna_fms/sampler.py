@@ -116,12 +116,20 @@ class FMSSampler(BaseSampler):
                 chosen = by_id[decision.key]
                 if lin_mod.claim(study, trial, chosen.tail.number):
                     lin_mod.mark_thaw(study, trial, chosen, decision.reason)
+                    self._record_score(study, trial, decision.acquisition)
                     return
                 lost.add(decision.key)
             self._new_configs[trial._trial_id] = decision.config or {}
             self._spaces[trial._trial_id] = distributions
             lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
             lin_mod.set_user_attr(study, trial, lin_mod.USER_DECISION, decision.reason)
+            self._record_score(study, trial, decision.acquisition)
+
+    @staticmethod
+    def _record_score(study: Study, trial: FrozenTrial, acquisition: float | None) -> None:
+        # NOTE: numeric, so optuna-dashboard can sort trials by it.
+        if acquisition is not None:
+            lin_mod.set_user_attr(study, trial, lin_mod.USER_ACQUISITION, float(acquisition))
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial

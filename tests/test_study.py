@@ -205,3 +205,25 @@ def test_lineage_views_and_best_value_ignore_nan() -> None:
     lineages = optuna_fms.lineages(study)
     assert [lin.state for lin in lineages] == ["pruned", "failed"]
     assert optuna_fms.best_lineage(study).id == 0
+
+
+def test_steps_out_of_order_or_repeated_are_stitched_by_step() -> None:
+    study = optuna.create_study(direction="maximize", sampler=_sampler(), pruner=optuna_fms.FMSPruner())
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    for step, value in ((2, 0.3), (0, 0.1), (1, 0.2), (1, 0.9)):  # the repeat is ignored by Optuna
+        trial.report(value, step)
+        assert trial.should_prune() in (True, False)
+    study.tell(trial, 0.3)
+    (lin,) = optuna_fms.lineages(study)
+    assert lin.curve == {0: 0.1, 1: 0.2, 2: 0.3} and lin.next_step == 3
+
+
+def test_device_is_automatic_and_can_be_overridden() -> None:
+    from optuna_fms.engine.device import resolve_device
+
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            optuna_fms.FMSSampler(device="cuda")

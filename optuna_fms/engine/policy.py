@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from optuna_fms.engine.acquisition import expected_improvement, incumbents
+from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Candidate, History
 from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings
 
@@ -63,7 +64,7 @@ class FreezeThawPolicy:
         self.settings = settings or PolicySettings()
         self._rng = np.random.default_rng(seed)
         self._seed = 0 if seed is None else seed
-        self._device = device
+        self._device = resolve_device(device)  # fails early on an unavailable device
         self._embedding_dim = embedding_dim
         self._surrogate: DeepKernelSurrogate | None = None
         self._fitted_key: tuple | None = None
