@@ -5,8 +5,10 @@ from optuna_fms.checkpoints import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint,
+    register_pretrained,
     save_checkpoint,
 )
+from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
 from optuna_fms.sampler import FMSSampler
@@ -24,5 +26,7 @@ __all__ = [
     "lineages",
     "load_checkpoint",
     "read_checkpoint",
+    "register_pretrained",
+    "describe_architecture",
     "save_checkpoint",
 ]

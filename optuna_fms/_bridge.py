@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import (
     BaseDistribution,
@@ -17,7 +17,8 @@ from optuna.study import StudyDirection
 
 from optuna_fms.engine.history import History, LineageRecord
 from optuna_fms.engine.space import Dimension, SearchSpace
-from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage
+from optuna_fms.graph_source import GraphSource
+from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage, pretrained_records
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -57,10 +58,16 @@ def make_history(
     space: SearchSpace,
     *,
     max_steps: int | None = None,
-    embedding_dim: int = 0,
+    graph_source: GraphSource | None = None,
 ) -> History:
-    """The engine's view: finite values oriented so that higher is better."""
+    """The engine's view: finite values oriented so that higher is better, and (with a
+    ``graph_source``) the parameter graphs of the checkpoints and registered pretrained weights."""
     sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+    pretrained = pretrained_records(study) if graph_source is not None else {}
+    graphs = None
+    if graph_source is not None:
+        every = [r for lin in lineages for r in lin.checkpoints] + list(pretrained.values())
+        graphs = graph_source.graphs(study, every)
     records = []
     for lin in lineages:
         if not all(name in lin.params for name in space.names):
@@ -74,6 +81,17 @@ def make_history(
                 values=[sign * v for _, v in points],
                 thawable=lin.state == FROZEN_STATE and bool(lin.checkpoints),
                 running=lin.state == RUNNING,
+                checkpoints={c.step: c.sha256 for c in lin.checkpoints if graphs is not None and c.sha256 in graphs},
             )
         )
-    return History(space, records, max_steps=max_steps, embedding_dim=embedding_dim)
+
+    def initial_weights(config: Mapping[str, Any]) -> str | None:
+        for (param, value), record in pretrained.items():
+            if param in config and config[param] == value and type(config[param]) is type(value):
+                return record.sha256
+        return None
+
+    return History(
+        space, records, max_steps=max_steps, graphs=graphs,
+        initial_weights=initial_weights if pretrained else None,
+    )

@@ -142,15 +142,7 @@ def save_checkpoint(
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}.")
     step = int(step)
-    tensors: dict[str, torch.Tensor] = {}
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        state = model_or_state_dict.state_dict()
-    else:
-        state = dict(model_or_state_dict)
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"State dict entry {key!r} is a {type(value).__name__}, not a tensor.")
-        tensors[f"model/{key}"] = _storable(value)
+    tensors = _model_tensors(model_or_state_dict)
     header = {
         "format": FORMAT,
         "step": step,
@@ -162,27 +154,81 @@ def save_checkpoint(
         "architecture": dict(architecture) if architecture is not None else None,
     }
     study = trial.study
-    store = resolve_artifact_store(study, artifact_store)
-    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
-        path = os.path.join(tmp, f"step-{step:06d}.safetensors")
-        try:
-            from safetensors.torch import save_file
-
-            save_file(tensors, path, metadata={_META_KEY: json.dumps(header)})
-            digest, size = _sha256(path), os.path.getsize(path)
-            artifact_id = upload_artifact(
-                artifact_store=store, file_path=path, study_or_trial=trial, mimetype=MIMETYPE
-            )
-        except OSError as err:
-            hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
-            raise CheckpointError(
-                f"Could not write the checkpoint of trial {trial.number} at step {step}{hint}: {err}. "
-                "Earlier checkpoints are untouched."
-            ) from err
-    record = CheckpointRecord(trial.number, trial._trial_id, step, artifact_id, digest, size)
+    artifact_id, digest, size = _write_and_upload(
+        study, trial, tensors, header, artifact_store, f"step-{step:06d}", f"of trial {trial.number} at step {step}"
+    )
+    record = CheckpointRecord(trial.number, trial._trial_id, step, artifact_id, digest, size, architecture is not None)
     lineage_mod.record_checkpoint(study, trial._trial_id, record)
     study._storage.set_trial_user_attr(trial._trial_id, USER_CHECKPOINT_STEP, step)
     return record
+
+
+def register_pretrained(
+    study: Study,
+    param: str,
+    value: Any,
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    *,
+    architecture: Mapping[str, Any] | None = None,
+    artifact_store: ArtifactStore | None = None,
+) -> CheckpointRecord:
+    """Register the weights a configuration with ``param == value`` starts from.
+
+    Typically one call per value of a categorical ``"model"`` parameter, before optimizing:
+    the surrogate then scores configurations not yet started by their pretrained weights
+    (without it, by a learned "no weights" embedding). Stored as a study artifact, so every
+    worker sees it.
+    """
+    json.dumps(value)  # NOTE: the value becomes part of a JSON key; fail early if it cannot
+    tensors = _model_tensors(model_or_state_dict)
+    header = {"format": FORMAT, "step": 0, "trial_number": None, "pretrained": [param, value],
+              "architecture": dict(architecture) if architecture is not None else None}
+    artifact_id, digest, size = _write_and_upload(
+        study, study, tensors, header, artifact_store, f"pretrained-{param}", f"pretrained for {param}={value!r}"
+    )
+    record = CheckpointRecord(None, None, 0, artifact_id, digest, size, architecture is not None)
+    lineage_mod.record_pretrained(study, param, value, record)
+    return record
+
+
+def _model_tensors(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        state = model_or_state_dict.state_dict()
+    else:
+        state = dict(model_or_state_dict)
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"State dict entry {key!r} is a {type(value).__name__}, not a tensor.")
+        tensors[f"model/{key}"] = _storable(value)
+    return tensors
+
+
+def _write_and_upload(
+    study: Study,
+    owner: optuna.Trial | Study,
+    tensors: dict[str, torch.Tensor],
+    header: dict[str, Any],
+    artifact_store: ArtifactStore | None,
+    name: str,
+    what: str,
+) -> tuple[str, str, int]:
+    """One safetensors file, uploaded as an artifact of ``owner``: (artifact id, SHA-256, size)."""
+    from safetensors.torch import save_file
+
+    store = resolve_artifact_store(study, artifact_store)
+    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
+        path = os.path.join(tmp, f"{name}.safetensors")
+        try:
+            save_file(tensors, path, metadata={_META_KEY: json.dumps(header)})
+            digest, size = _sha256(path), os.path.getsize(path)
+            artifact_id = upload_artifact(artifact_store=store, file_path=path, study_or_trial=owner, mimetype=MIMETYPE)
+        except OSError as err:
+            hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+            raise CheckpointError(
+                f"Could not write the checkpoint {what}{hint}: {err}. Earlier checkpoints are untouched."
+            ) from err
+    return artifact_id, digest, size
 
 
 def _storable(t: torch.Tensor) -> torch.Tensor:
@@ -295,7 +341,8 @@ def read_checkpoint(
     from safetensors import SafetensorError, safe_open
 
     store = resolve_artifact_store(study, artifact_store)
-    where = f"checkpoint of trial {record.trial_number} at step {record.step} (artifact {record.artifact_id})"
+    owner = "the study" if record.trial_number is None else f"trial {record.trial_number}"
+    where = f"checkpoint of {owner} at step {record.step} (artifact {record.artifact_id})"
     with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
         path = os.path.join(tmp, "checkpoint.safetensors")
         try:

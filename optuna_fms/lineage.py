@@ -26,6 +26,7 @@ CLAIM = "fms:claim"  # trial number this trial tried to continue (None once the 
 FROZEN = "fms:frozen"  # why FMSPruner froze this trial
 FAILED = "fms:failed"  # why this lineage must never run again
 CHECKPOINT_PREFIX = "fms:checkpoint:"  # + zero-padded step -> JSON record of the artifact
+PRETRAINED_PREFIX = "fms:pretrained:"  # study attr: + param + ":" + JSON value -> JSON record
 RETRIED_FROM = "failed_trial"  # Optuna's RetryHeartbeatStaleTrialCallback link
 USER_LINEAGE = "fms:lineage"
 USER_PARENT = "fms:parent"
@@ -38,14 +39,33 @@ RUNNING, FROZEN_STATE, FINISHED, FAILED_STATE, PRUNED = "running", "frozen", "fi
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """Where one checkpoint of a lineage lives: the trial that uploaded it and its artifact."""
+    """Where one checkpoint lives: the trial that uploaded it (None: the study) and its artifact.
 
-    trial_number: int
-    trial_id: int
+    ``has_graph`` says that the file carries an architecture description, so its weights can be
+    read as a parameter graph.
+    """
+
+    trial_number: int | None
+    trial_id: int | None
     step: int
     artifact_id: str
     sha256: str
     size: int
+    has_graph: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"artifact_id": self.artifact_id, "sha256": self.sha256, "size": self.size,
+             "step": self.step, "graph": self.has_graph}
+        )
+
+    @classmethod
+    def from_json(cls, raw: str, trial_number: int | None, trial_id: int | None) -> CheckpointRecord:
+        rec = json.loads(raw)
+        return cls(
+            trial_number, trial_id, int(rec["step"]), str(rec["artifact_id"]), str(rec["sha256"]),
+            int(rec["size"]), bool(rec.get("graph", False)),
+        )
 
 
 @dataclass
@@ -185,13 +205,27 @@ def mark_thaw(study: Study, trial: FrozenTrial, lineage: Lineage, reason: str) -
 
 
 def record_checkpoint(study: Study, trial_id: int, record: CheckpointRecord) -> None:
-    payload = {
-        "artifact_id": record.artifact_id,
-        "sha256": record.sha256,
-        "size": record.size,
-        "step": record.step,
-    }
-    study._storage.set_trial_system_attr(trial_id, f"{CHECKPOINT_PREFIX}{record.step:09d}", json.dumps(payload))
+    study._storage.set_trial_system_attr(trial_id, f"{CHECKPOINT_PREFIX}{record.step:09d}", record.to_json())
+
+
+def record_pretrained(study: Study, param: str, value: Any, record: CheckpointRecord) -> None:
+    """Register the checkpoint a configuration with ``param == value`` starts from."""
+    study._storage.set_study_system_attr(
+        study._study_id, f"{PRETRAINED_PREFIX}{param}:{json.dumps(value)}", record.to_json()
+    )
+
+
+def pretrained_records(study: Study) -> dict[tuple[str, Any], CheckpointRecord]:
+    """(param, value) -> the registered starting checkpoint, for every registration of the study."""
+    out = {}
+    for key, raw in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(PRETRAINED_PREFIX) and isinstance(raw, str):
+            param, _, value = key[len(PRETRAINED_PREFIX) :].partition(":")
+            try:
+                out[(param, json.loads(value))] = CheckpointRecord.from_json(raw, None, None)
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
 
 
 def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
@@ -200,13 +234,7 @@ def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
         if not key.startswith(CHECKPOINT_PREFIX) or not isinstance(raw, str):
             continue
         try:
-            rec = json.loads(raw)
-            out.append(
-                CheckpointRecord(
-                    trial.number, trial._trial_id, int(rec["step"]), str(rec["artifact_id"]),
-                    str(rec["sha256"]), int(rec["size"]),
-                )
-            )
+            out.append(CheckpointRecord.from_json(raw, trial.number, trial._trial_id))
         except (ValueError, KeyError, TypeError):
             continue  # NOTE: a damaged record is ignored; the checkpoint then counts as missing.
     return out

@@ -11,6 +11,7 @@ from optuna.pruners import BasePruner
 from optuna_fms import lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
+from optuna_fms.graph_source import GraphSource
 from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.surrogate import FitSettings
 
@@ -40,6 +41,8 @@ class FMSPruner(BasePruner):
         seed: Seed of this pruner's own engine (used only with another sampler).
         device: Device of that engine.
         artifact_store: Where checkpoints live, if not given to the sampler.
+        weights: Weight encoder of this pruner's own surrogate (other samplers only); see
+            :class:`optuna_fms.FMSSampler`.
         fit_settings: Training schedule of this pruner's own surrogate (other samplers only).
     """
 
@@ -53,6 +56,7 @@ class FMSPruner(BasePruner):
         seed: int | None = None,
         device: str | None = None,
         artifact_store: ArtifactStore | None = None,
+        weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
     ) -> None:
         if freeze_margin < 0 or min_segment_steps < 1:
@@ -63,8 +67,9 @@ class FMSPruner(BasePruner):
         self.min_segment_steps = min_segment_steps
         self.max_steps = max_steps
         self.artifact_store = artifact_store
-        settings = PolicySettings(n_startup=n_startup_trials, fit=fit_settings or FitSettings())
+        settings = PolicySettings(n_startup=n_startup_trials, weights=weights, fit=fit_settings or FitSettings())
         self._own = FreezeThawPolicy(settings, seed=seed, device=device)
+        self._own_graphs = GraphSource(artifact_store) if weights is not None else None
         self._own_lock = threading.RLock()
         self._decided: dict[tuple[int, int], bool] = {}
 
@@ -95,7 +100,10 @@ class FMSPruner(BasePruner):
 
         sampler = study.sampler
         shared = isinstance(sampler, FMSSampler)
-        policy, lock = (sampler.policy, sampler.lock) if shared else (self._own, self._own_lock)
+        if shared:
+            policy, lock, graphs = sampler.policy, sampler.lock, sampler.graph_source
+        else:
+            policy, lock, graphs = self._own, self._own_lock, self._own_graphs
         with lock:
             lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
             mine = next((lin for lin in lineages if any(t.number == trial.number for t in lin.trials)), None)
@@ -111,7 +119,7 @@ class FMSPruner(BasePruner):
                 )
             space = engine_space(optuna_search_space(study))
             history = make_history(
-                study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps)
+                study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps), graph_source=graphs
             )
             return policy.should_continue(
                 history,

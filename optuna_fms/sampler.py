@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_fms import lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
+from optuna_fms.graph_source import GraphSource
 from optuna_fms.engine.policy import FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.surrogate import FitSettings
 
@@ -41,6 +42,10 @@ class FMSSampler(BaseSampler):
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
         target: ``"final"`` (default): EI of the forecast at the deepest step seen so far, per
             step still needed; ``"next"``: DyHPO's EI one step ahead.
+        weights: How the surrogate reads checkpointed weights: ``"gmn"`` (graph metanetwork,
+            default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
+            Weights are read from checkpoints saved with ``architecture=`` and from
+            :func:`optuna_fms.register_pretrained`.
         fit_settings: Surrogate training schedule (full fits and refinements).
     """
 
@@ -55,6 +60,7 @@ class FMSSampler(BaseSampler):
         pool_size: int = 256,
         use_learning_curve: bool = True,
         target: str = "final",
+        weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
     ) -> None:
         if target not in ("final", "next"):
@@ -64,10 +70,12 @@ class FMSSampler(BaseSampler):
             pool_size=pool_size,
             use_curve=use_learning_curve,
             target=target,
+            weights=weights,
             fit=fit_settings or FitSettings(),
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
+        self.graph_source = GraphSource(artifact_store) if weights is not None else None
         self._independent = independent_sampler or RandomSampler(seed=seed)
         # NOTE: with n_jobs > 1 the threads share this object; the lock serializes decisions
         # (and thereby claims) within a process, and the pruner takes it too.
@@ -105,7 +113,7 @@ class FMSSampler(BaseSampler):
             self._last_space = space
             lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
             max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
-            history = make_history(study, lineages, space, max_steps=max_steps)
+            history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
             new_step = 0 if can_thaw or not max_steps else max_steps - 1
             by_id = {lin.id: lin for lin in lineages}
             lost: set[int] = set()

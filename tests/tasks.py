@@ -73,8 +73,9 @@ def build(params: dict, task: DigitsTask) -> tuple[torch.nn.Module, torch.optim.
     return model, opt
 
 
-def finetune_objective(epochs: int = 6, save: bool = True):
-    """The user's objective of the README, on the digits task."""
+def finetune_objective(epochs: int = 6, save: bool = True, architecture: dict | None = None):
+    """The user's objective of the README, on the digits task (``architecture``: saved with
+    each checkpoint, so the surrogate reads the weights)."""
     task = digits_task()
 
     def objective(trial: optuna.Trial) -> float:
@@ -90,7 +91,7 @@ def finetune_objective(epochs: int = 6, save: bool = True):
         for epoch in range(start, epochs):
             acc = train_epoch(model, opt, task)
             if save:
-                optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt)
+                optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt, architecture=architecture)
             trial.report(acc, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()

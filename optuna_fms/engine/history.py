@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from optuna_fms.engine.space import SearchSpace
+from optuna_fms.graphs.build import ParameterGraph
 
 
 @dataclass
@@ -17,7 +18,7 @@ class LineageRecord:
 
     ``values`` are oriented so that higher is better (the adapter negates a minimized metric).
     ``steps`` are the reported steps, strictly increasing; the budget of step ``s`` is ``s + 1``.
-    ``embeddings`` maps a step to the weight embedding of the checkpoint saved at that step.
+    ``checkpoints`` maps a step to the key of the parameter graph of the checkpoint saved there.
     """
 
     key: int
@@ -26,7 +27,7 @@ class LineageRecord:
     values: list[float]
     thawable: bool = False
     running: bool = False
-    embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+    checkpoints: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.steps) != len(self.values):
@@ -53,13 +54,13 @@ class Rows:
     budget: np.ndarray  # [N] budget / max_budget
     curve: np.ndarray  # [N, L]
     mask: np.ndarray  # [N, L]
-    embedding: np.ndarray  # [N, E] (E may be 0)
+    graph: np.ndarray  # [N] index into History.graph_keys of the weights the row starts from; -1: none
 
     def __len__(self) -> int:
         return len(self.x)
 
     def take(self, index: np.ndarray) -> Rows:
-        return Rows(*(a[index] for a in (self.x, self.budget, self.curve, self.mask, self.embedding)))
+        return Rows(*(a[index] for a in (self.x, self.budget, self.curve, self.mask, self.graph)))
 
 
 @dataclass
@@ -86,14 +87,21 @@ class History:
         *,
         max_steps: int | None = None,
         curve_length: int = 16,
-        embedding_dim: int = 0,
+        graphs: Mapping[str, ParameterGraph] | None = None,
+        initial_weights: Callable[[Mapping[str, Any]], str | None] | None = None,
     ) -> None:
+        """``graphs`` holds the parameter graph of every checkpoint key the lineages name;
+        ``initial_weights`` names the graph a configuration starts from (its pretrained model),
+        used before its first checkpoint and for configurations not yet started."""
         self.space = space
         self.lineages = [lin for lin in lineages if space.contains(lin.config)]
         self.by_key = {lin.key: lin for lin in self.lineages}
         self.max_steps = max_steps
         self.curve_length = curve_length
-        self.embedding_dim = embedding_dim
+        self.graphs: Mapping[str, ParameterGraph] = graphs if graphs is not None else {}  # may load lazily
+        self.graph_keys = sorted(self.graphs)
+        self._graph_index = {k: i for i, k in enumerate(self.graph_keys)}
+        self._initial_weights = initial_weights
         observed = [lin.steps[-1] + 1 for lin in self.lineages if lin.steps]
         self.max_budget = max([max_steps or 1, *observed, *(b + 1 for b in observed)])
         values = np.array([v for lin in self.lineages for v in lin.values], dtype=float)
@@ -149,7 +157,7 @@ class History:
         n, length = len(configs), self.curve_length
         curve = np.zeros((n, length))
         mask = np.zeros((n, length))
-        embedding = np.zeros((n, self.embedding_dim))
+        graph = np.array([self._start_graph(c) for c in configs], dtype=np.int64)
         for i, (step, key, prefix) in enumerate(zip(steps, keys, prefixes)):
             lin = self.by_key.get(key) if key is not None else None
             if lin is None:
@@ -162,18 +170,19 @@ class History:
             if before:
                 curve[i, length - len(before) :] = self.standardize(before)
                 mask[i, length - len(before) :] = 1.0
-            if self.embedding_dim and seen:
-                embedding[i] = _latest_embedding(lin, seen[-1] + 1, self.embedding_dim)
+            # NOTE: the weights are those of the newest checkpoint the row's curve has seen (the
+            # checkpoint of epoch b for a row after epoch b), never a later one: no leakage.
+            saved = [s for s in lin.checkpoints if seen and s <= seen[-1] and lin.checkpoints[s] in self._graph_index]
+            if saved:
+                graph[i] = self._graph_index[lin.checkpoints[max(saved)]]
         return Rows(
             x=self.space.encode_many(configs),
             budget=(np.asarray(steps, dtype=float) + 1.0) / self.max_budget,
             curve=curve,
             mask=mask,
-            embedding=embedding,
+            graph=graph,
         )
 
-
-def _latest_embedding(lin: LineageRecord, step: int, dim: int) -> np.ndarray:
-    """The embedding of the newest checkpoint saved before ``step`` (zeros when none)."""
-    saved = [s for s in lin.embeddings if s < step]
-    return np.asarray(lin.embeddings[max(saved)]) if saved else np.zeros(dim)
+    def _start_graph(self, config: Mapping[str, Any]) -> int:
+        key = self._initial_weights(config) if self._initial_weights is not None else None
+        return self._graph_index.get(key, -1) if key is not None else -1

@@ -33,6 +33,8 @@ class PolicySettings:
     # surrogate also trains on forecasts from shorter curve prefixes). "next" is DyHPO/FMS as published: EI one step ahead, over the
     # best value seen at that budget; it tends to start new configurations over deepening.
     target: str = "final"
+    # "gmn" (graph metanetwork), "flat" (count sketch of all weights) or None (DyHPO: no weights).
+    weights: str | None = "gmn"
     fit: FitSettings = field(default_factory=FitSettings)
 
 
@@ -59,13 +61,11 @@ class FreezeThawPolicy:
         *,
         seed: int | None = None,
         device: str | None = None,
-        embedding_dim: int = 0,
     ) -> None:
         self.settings = settings or PolicySettings()
         self._rng = np.random.default_rng(seed)
         self._seed = 0 if seed is None else seed
         self._device = resolve_device(device)  # fails early on an unavailable device
-        self._embedding_dim = embedding_dim
         self._surrogate: DeepKernelSurrogate | None = None
         self._fitted_key: tuple | None = None
         self._lock = threading.RLock()
@@ -176,6 +176,7 @@ class FreezeThawPolicy:
             self._fit(history)
             if self._surrogate is None or not self._surrogate.ready:
                 raise RuntimeError("The surrogate could not be fitted on this history.")
+            self._surrogate.set_graphs(history.graph_keys, history.graphs)
             mean, std = self._surrogate.predict(history.candidate_rows(candidates))
             return mean * history.y_std + history.y_mean, std * history.y_std
 
@@ -217,6 +218,7 @@ class FreezeThawPolicy:
         key = (
             history.space,
             history.n_observations,
+            tuple(history.graph_keys),
             tuple((lin.key, len(lin.values), lin.values[-1] if lin.values else None) for lin in history.lineages),
         )
         if key == self._fitted_key and self._surrogate is not None and self._surrogate.ready:
@@ -226,12 +228,14 @@ class FreezeThawPolicy:
         if self._surrogate is None or self._surrogate.config_dim != history.space.width:
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
-                history.embedding_dim,
+                self.settings.weights,
                 use_curve=self.settings.use_curve,
+                curve_length=history.curve_length,
                 settings=self.settings.fit,
                 seed=self._seed,
                 device=self._device,
             )
+        self._surrogate.set_graphs(history.graph_keys, history.graphs)
         forecast = self._seed + history.n_observations if self.settings.target == "final" else None
         rows, targets, newest = history.training_rows(forecast_seed=forecast)
         self._surrogate.fit(rows, targets, keep=newest)  # each lineage's newest row is kept
@@ -258,6 +262,7 @@ class FreezeThawPolicy:
             budgets = np.array([c.step + 1.0 for c in candidates])
             best = incumbents(budgets, observed_budgets, observed_values)
             cost = np.ones(len(candidates))
+        self._surrogate.set_graphs(history.graph_keys, history.graphs)
         mean, std = self._surrogate.predict(history.candidate_rows(queries))
         return expected_improvement(mean, std, best) / cost, mean, std
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 import logging
 import math
 import threading
 
 import gpytorch
+from linear_operator.utils.errors import NotPSDError
 import numpy as np
 import torch
 
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Rows
+from optuna_fms.engine.weights import WeightEncoder
+from optuna_fms.graphs.build import ParameterGraph
 
 _logger = logging.getLogger(__name__)
 
@@ -30,17 +33,20 @@ class FeatureExtractor(torch.nn.Module):
     def __init__(
         self,
         config_dim: int,
-        embedding_dim: int = 0,
+        weights: str | None = None,
         *,
         hidden: int = 64,
         out: int = 32,
         curve_channels: int = 4,
         use_curve: bool = True,
+        curve_length: int = 16,
     ) -> None:
         super().__init__()
         self.config_dim = config_dim
-        self.embedding_dim = embedding_dim
+        self.curve_length = curve_length
         self.use_curve = use_curve
+        self.weights = WeightEncoder(weights) if weights is not None else None
+        embedding_dim = self.weights.dim if self.weights is not None else 0
         self.config_net = torch.nn.Sequential(torch.nn.Linear(config_dim + 1, hidden), torch.nn.LeakyReLU())
         self.curve_net = torch.nn.Sequential(
             torch.nn.Conv1d(2, curve_channels, kernel_size=3, padding=1),
@@ -51,28 +57,19 @@ class FeatureExtractor(torch.nn.Module):
         self.head = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.LeakyReLU())
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        x, budget, curve, mask, embedding = unpack(packed, self.config_dim, self.embedding_dim)
+        length = self.curve_length
+        x, budget, curve, mask, graph = torch.split(packed, [self.config_dim, 1, length, length, 1], dim=-1)
         parts = [self.config_net(torch.cat([x, budget], dim=-1))]
         if self.use_curve:
             parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
-        if self.embedding_dim:
-            parts.append(embedding)
+        if self.weights is not None:
+            parts.append(self.weights(graph[:, 0].round()))
         return self.head(torch.cat(parts, dim=-1))
 
 
 def pack(rows: Rows) -> np.ndarray:
     """Rows -> one matrix, because an ExactGP takes a single input tensor."""
-    return np.concatenate(
-        [rows.x, rows.budget[:, None], rows.curve, rows.mask, rows.embedding], axis=1
-    )
-
-
-def unpack(packed: torch.Tensor, config_dim: int, embedding_dim: int) -> tuple[torch.Tensor, ...]:
-    length = (packed.shape[-1] - config_dim - 1 - embedding_dim) // 2
-    x, budget, curve, mask, embedding = torch.split(
-        packed, [config_dim, 1, length, length, embedding_dim], dim=-1
-    )
-    return x, budget, curve, mask, embedding
+    return np.concatenate([rows.x, rows.budget[:, None], rows.curve, rows.mask, rows.graph[:, None]], axis=1)
 
 
 @dataclass
@@ -84,6 +81,7 @@ class FitSettings:
     learning_rate: float = 1e-2
     refit_every: int = 50  # a fit from scratch every this many new observations
     max_rows: int = 384  # exact GP on at most this many rows (the newest of each lineage kept)
+    weight_steps: int = 30  # steps of a full fit in which the weight encoder learns too
 
 
 class DeepKernelSurrogate:
@@ -92,15 +90,17 @@ class DeepKernelSurrogate:
     def __init__(
         self,
         config_dim: int,
-        embedding_dim: int = 0,
+        weights: str | None = None,
         *,
         use_curve: bool = True,
+        curve_length: int = 16,
         settings: FitSettings | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
         self.config_dim = config_dim
-        self.embedding_dim = embedding_dim
+        self.weights = weights
+        self.curve_length = curve_length
         self.use_curve = use_curve
         self.settings = settings or FitSettings()
         self.device = resolve_device(device)
@@ -108,11 +108,23 @@ class DeepKernelSurrogate:
         self._n_fits = 0
         self._model: _ExactDKGP | None = None
         self._fitted_on = 0  # observations at the last fit from scratch
+        self._graph_table: tuple[list[str], Mapping[str, ParameterGraph]] = ([], {})
         self._lock = threading.RLock()
 
     @property
     def ready(self) -> bool:
         return self._model is not None
+
+    def set_graphs(self, keys: Sequence[str], graphs: Mapping[str, ParameterGraph]) -> None:
+        """The parameter graphs that rows' ``graph`` indices refer to."""
+        with self._lock:
+            self._graph_table = (list(keys), graphs)
+            encoder = self._encoder()
+            if encoder is not None:
+                encoder.set_table(*self._graph_table)
+
+    def _encoder(self) -> WeightEncoder | None:
+        return self._model.extractor.weights if self._model is not None else None
 
     def fit(self, rows: Rows, targets: np.ndarray, *, keep: np.ndarray | None = None) -> None:
         """Fit on ``rows``; from scratch the first time and every ``refit_every`` observations.
@@ -139,8 +151,17 @@ class DeepKernelSurrogate:
                 steps = self.settings.full_steps if from_scratch else self.settings.refine_steps
                 try:
                     with _one_thread():
+                        encoder = self._encoder()
+                        if from_scratch and encoder is not None and self.settings.weight_steps:
+                            # NOTE: the weight encoder learns jointly with the GP only in the
+                            # first steps of a full fit; then it is frozen and its embeddings cached.
+                            encoder.trainable = True
+                            self._train(min(steps, self.settings.weight_steps))
+                            steps -= min(steps, self.settings.weight_steps)
+                            encoder.trainable = False
+                            encoder.reset_cache()
                         self._train(steps)
-                except (RuntimeError, ValueError, gpytorch.utils.errors.NotPSDError) as err:
+                except (RuntimeError, ValueError, NotPSDError) as err:
                     # NOTE: a numerical failure (e.g. Cholesky) restarts from scratch next time.
                     _logger.warning("Surrogate fit failed (%s); it restarts from scratch.", err)
                     self._model = None
@@ -163,11 +184,17 @@ class DeepKernelSurrogate:
             return mean.cpu().numpy(), std.cpu().numpy()
 
     def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactDKGP:
-        extractor = FeatureExtractor(self.config_dim, self.embedding_dim, use_curve=self.use_curve)
+        extractor = FeatureExtractor(
+            self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length
+        )
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(1e-4)
         )
-        return _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=torch.float64)
+        model = _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=torch.float64)
+        if extractor.weights is not None:
+            extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
+            extractor.weights.set_table(*self._graph_table)
+        return model
 
     def _train(self, steps: int) -> None:
         assert self._model is not None

@@ -1,0 +1,75 @@
+"""Checkpoint records -> parameter graphs for the engine: read from the artifact store once, cached."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+import threading
+from typing import TYPE_CHECKING, Any
+
+from optuna_fms._warnings import warn_once
+from optuna_fms.checkpoints import CheckpointError, read_checkpoint
+from optuna_fms.graphs.build import GraphCache, ParameterGraph, build_graph
+from optuna_fms.lineage import CheckpointRecord
+
+if TYPE_CHECKING:
+    from optuna.artifacts._protocol import ArtifactStore
+    from optuna.study import Study
+
+
+class GraphSource:
+    """Builds the parameter graph of each checkpoint that carries an architecture, by content hash.
+
+    A checkpoint that cannot be read or turned into a graph (missing, corrupt, NaN weights,
+    shapes that do not fit) is left out with one warning: the surrogate then treats it as "no
+    weights", and the study goes on. Graphs live in an LRU cache and are re-read when evicted.
+    """
+
+    def __init__(self, artifact_store: ArtifactStore | None = None, cache_size: int = 256) -> None:
+        self.artifact_store = artifact_store
+        self._cache = GraphCache(maxsize=cache_size)
+        self._bad: set[str] = set()
+        self._lock = threading.Lock()
+
+    def graphs(self, study: Study, records: Iterable[CheckpointRecord]) -> Mapping[str, ParameterGraph]:
+        """sha256 -> graph for every usable record; new ones are read now, once."""
+        by_key = {r.sha256: r for r in records if r.has_graph and r.sha256 not in self._bad}
+        for key, record in list(by_key.items()):
+            if key not in self._cache and self._load(study, record) is None:
+                del by_key[key]
+        return _LazyGraphs(self, study, by_key)
+
+    def _load(self, study: Study, record: CheckpointRecord) -> ParameterGraph | None:
+        try:
+            return self._cache.get_or_build(record.sha256, lambda: self._build(study, record))
+        except (CheckpointError, ValueError, KeyError) as err:
+            with self._lock:
+                self._bad.add(record.sha256)
+            warn_once(f"graph:{record.sha256}", f"The weights of a checkpoint are not featurized ({err}); "
+                      "the surrogate treats it as having no weights.")
+            return None
+
+    def _build(self, study: Study, record: CheckpointRecord) -> ParameterGraph:
+        ckpt = read_checkpoint(study, record, artifact_store=self.artifact_store)
+        if ckpt.architecture is None:
+            raise ValueError("the checkpoint carries no architecture")
+        return build_graph(ckpt.state_dict, ckpt.architecture)
+
+
+class _LazyGraphs(Mapping[str, ParameterGraph]):
+    def __init__(self, source: GraphSource, study: Study, records: dict[str, CheckpointRecord]) -> None:
+        self._source, self._study, self._records = source, study, records
+
+    def __getitem__(self, key: str) -> ParameterGraph:
+        graph = self._source._load(self._study, self._records[key])
+        if graph is None:
+            raise KeyError(key)
+        return graph
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._records

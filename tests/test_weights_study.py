@@ -1,0 +1,64 @@
+"""Studies whose surrogate reads checkpointed and pretrained weights."""
+
+import os
+
+import optuna
+import pytest
+import torch
+
+import optuna_fms
+from optuna_fms.engine.surrogate import FitSettings
+
+from tasks import digits_task, finetune_objective, make_model
+
+EPOCHS = 5
+ARCH = optuna_fms.describe_architecture(make_model())
+
+
+def _study(weights: str, tmp_path) -> optuna.Study:
+    sampler = optuna_fms.FMSSampler(
+        seed=0, n_startup_trials=4, pool_size=64, weights=weights,
+        fit_settings=FitSettings(full_steps=80, refine_steps=10, weight_steps=20),
+    )
+    study = optuna.create_study(
+        direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}", sampler=sampler,
+        pruner=optuna_fms.FMSPruner(max_steps=EPOCHS),
+    )
+    task = digits_task()
+    for name, state in task.pretrained.items():
+        optuna_fms.register_pretrained(study, "model", name, state, architecture=ARCH)
+    torch.manual_seed(7)
+    optuna_fms.register_pretrained(study, "model", "scratch", make_model(), architecture=ARCH)
+    return study
+
+
+@pytest.mark.parametrize("weights", ["gmn", "flat"])
+def test_study_with_weights_freezes_and_embeds_checkpoints(weights: str, tmp_path) -> None:
+    study = _study(weights, tmp_path)
+    study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=16)
+    lineages = optuna_fms.lineages(study)
+    assert any(lin.state == "frozen" for lin in lineages)
+    assert all(c.has_graph for lin in lineages for c in lin.checkpoints)
+    encoder = study.sampler.policy._surrogate._model.extractor.weights
+    assert encoder is not None and encoder.kind == weights
+    assert len(encoder._cache) > 3  # checkpoints and pretrained weights were embedded
+    assert len(optuna_fms.lineage.pretrained_records(study)) == 3
+
+
+def test_a_corrupt_checkpoint_is_left_out_of_the_weights(tmp_path, caplog) -> None:
+    study = _study("gmn", tmp_path)
+    study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=6)
+    victim = optuna_fms.lineages(study)[0].checkpoints[0]
+    path = tmp_path / "s-artifacts" / victim.artifact_id
+    path.write_bytes(path.read_bytes()[:-5])
+    study.sampler.graph_source._cache._items.clear()  # as in a fresh process
+    with caplog.at_level("WARNING", logger="optuna_fms"):
+        study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=4)
+    assert len(study.trials) == 10
+    assert any("not featurized" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_none_is_dyhpo(tmp_path) -> None:
+    study = _study(None, tmp_path)  # type: ignore[arg-type]
+    study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=8)
+    assert study.sampler.policy._surrogate._model.extractor.weights is None
