@@ -1,0 +1,153 @@
+"""Small model families for the hubs; plain ``nn.Module`` s that ``torch.fx.symbolic_trace`` can trace.
+
+* :func:`gap_cnn` - ``nn.Sequential`` of Conv/[BN]/act/[pool] blocks -> ``AdaptiveAvgPool2d(1)`` -> Flatten
+  -> Linear, so every parameter is a neuron-to-neuron weight (no spatial flatten; GMN/NFN-friendly).
+* :class:`MiniResNet` (BasicBlocks), :class:`TinyViT` (``nn.TransformerEncoderLayer``, batch_first, mean
+  pooling) and :func:`mlp`, for the planned ``arch`` hub.
+
+:func:`build_model` makes any of them from a JSON-able spec ``{"family": ..., **kwargs}``; by convention
+the classification head is the last child module (``head_name``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU,
+}
+
+
+def _act(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}") from None
+
+
+def gap_cnn(width: int = 8, act: str = "relu", bn: bool = False, in_channels: int = 1,
+            n_classes: int = 10, channels: tuple[int, ...] = (1, 2, 2),
+            pool: tuple[bool, ...] = (True, True, False)) -> nn.Sequential:
+    """Conv3x3 blocks with ``width * channels[i]`` filters, optional BN and 2x2 max-pool, then GAP + Linear.
+
+    The default (w=8) has 3 blocks 8/16/16 wide: 3,738 parameters on 1-channel input with 10 classes."""
+    if len(channels) != len(pool):
+        raise ValueError("channels and pool need one entry per conv block")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for mult, do_pool in zip(channels, pool):
+        c_out = width * mult
+        layers.append(nn.Conv2d(c_in, c_out, 3, padding=1))
+        if bn:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(_act(act))
+        if do_pool:
+            layers.append(nn.MaxPool2d(2))
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, n_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv+BN, identity or 1x1-conv shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, act: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = _act(act)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = _act(act)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class MiniResNet(nn.Module):
+    """Stem conv -> one BasicBlock per stage (stride 2 after the first) -> GAP -> Linear ``head``."""
+
+    def __init__(self, width: int = 16, stages: int = 2, act: str = "relu", in_channels: int = 1,
+                 n_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  _act(act))
+        blocks, c = [], width
+        for s in range(stages):
+            c_out = width * 2 ** s
+            blocks.append(BasicBlock(c, c_out, 1 if s == 0 else 2, act))
+            c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.blocks(self.stem(x))))
+
+
+class TinyViT(nn.Module):
+    """Patch-embedding conv + learned positions -> ``depth`` pre-norm ``nn.TransformerEncoderLayer`` s
+    (batch_first) -> mean over tokens -> LayerNorm -> Linear ``head``."""
+
+    def __init__(self, image_size: int = 28, patch: int = 7, dim: int = 32, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 2, in_channels: int = 1, n_classes: int = 10) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError("image_size must be a multiple of patch")
+        self.embed = nn.Conv2d(in_channels, dim, patch, patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return self.head(self.norm(tokens.mean(dim=1)))
+
+
+def mlp(in_features: int = 784, hidden: tuple[int, ...] = (32, 32), act: str = "relu",
+        n_classes: int = 10) -> nn.Sequential:
+    """Flatten -> (Linear, act) per hidden layer -> Linear."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    c = in_features
+    for h in hidden:
+        layers += [nn.Linear(c, h), _act(act)]
+        c = h
+    layers.append(nn.Linear(c, n_classes))
+    return nn.Sequential(*layers)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "gap_cnn": gap_cnn, "resnet": MiniResNet, "vit": TinyViT, "mlp": mlp,
+}
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Instantiate ``{"family": name, **kwargs}``; lists in the spec (from JSON) become tuples."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "family"}
+    try:
+        factory = FAMILIES[spec["family"]]
+    except KeyError:
+        raise ValueError(f"unknown model family {spec.get('family')!r}; choose from {sorted(FAMILIES)}") from None
+    return factory(**kwargs)
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the last child module: the classification head of every family here."""
+    return list(model.named_children())[-1][0]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
