@@ -2,10 +2,12 @@
 
 Each timed decision goes through the real Optuna adapters on an in-memory study: the pruner
 after a new report (refine the surrogate with it, score the alternatives), the sampler when a
-trial starts (read the lineages, score frozen lineages and a pool of new configurations).
+trial starts (read the lineages, score frozen lineages and a pool of new configurations). With
+weights, every step saves a real checkpoint of a small CNN with its architecture, so decisions
+also read the new checkpoint, build its graph and embed it.
 Writes ``bench/results/overhead.json`` and ``overhead.png``.
 
-    python -m bench.overhead [--sizes 100 300 1000] [--decisions 30]
+    python -m bench.overhead [--sizes 100 300 1000] [--decisions 30] [--weights none gmn]
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import math
 import os
 from pathlib import Path
 import platform
+import tempfile
 import time
 
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 import torch
 
 import optuna_fms
@@ -42,53 +45,74 @@ def _curve(params: dict, steps: range, rng: np.random.Generator) -> list[float]:
     return [level * (1 - math.exp(-0.3 * (s + 1))) + float(rng.normal(0, 0.01)) for s in steps]
 
 
-def _seed_study(n_observations: int, rng: np.random.Generator) -> optuna.Study:
-    """A study with ``n_observations`` reports in frozen lineages of 10 steps, each with a checkpoint."""
-    sampler = optuna_fms.FMSSampler(seed=0)
+def _cnn() -> torch.nn.Module:
+    """A ~1.2k-parameter GAP-CNN, the size of the hub's zoo members."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10),
+    )
+
+
+class _Run:
+    """Reports (and, with weights, checkpoints) of one segment, as an objective would make them."""
+
+    def __init__(self, weights: bool) -> None:
+        self.model = _cnn()
+        self.architecture = optuna_fms.describe_architecture(self.model) if weights else None
+
+    def step(self, trial: optuna.Trial, step: int, value: float) -> None:
+        if self.architecture is not None:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            optuna_fms.save_checkpoint(trial, self.model, step, architecture=self.architecture, save_rng=False)
+        else:
+            # NOTE: a checkpoint record makes the lineage thawable; without weights it is never read.
+            study_storage = trial.study._storage
+            study_storage.set_trial_system_attr(
+                trial._trial_id, f"{lin_mod.CHECKPOINT_PREFIX}{step:09d}",
+                json.dumps({"artifact_id": f"t{trial.number}-{step}", "sha256": "0" * 64, "size": 1, "step": step}),
+            )
+        trial.report(value, step)
+
+
+def _seed_study(n_observations: int, weights: str | None, folder: str, rng: np.random.Generator) -> optuna.Study:
+    """A study with ``n_observations`` reports in frozen lineages of 10 steps, each step checkpointed."""
+    store = optuna.artifacts.FileSystemArtifactStore(folder)
+    sampler = optuna_fms.FMSSampler(seed=0, weights=weights, artifact_store=store)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=optuna_fms.FMSPruner())
     random = optuna.samplers.RandomSampler(seed=0)
-    for i in range(n_observations // STEPS_PER_LINEAGE):
-        params = {n: random.sample_independent(study, None, n, d) for n, d in DISTRIBUTIONS.items()}  # type: ignore[arg-type]
-        steps = range(STEPS_PER_LINEAGE)
-        curve = _curve(params, steps, rng)
-        study.add_trial(
-            create_trial(
-                state=TrialState.PRUNED, params=params, distributions=DISTRIBUTIONS,
-                intermediate_values=dict(zip(steps, curve)), value=curve[-1],
-                system_attrs={
-                    lin_mod.FROZEN: "seed",
-                    # NOTE: a checkpoint record makes the lineage thawable; the bench never loads it.
-                    f"{lin_mod.CHECKPOINT_PREFIX}{STEPS_PER_LINEAGE - 1:09d}": json.dumps(
-                        {"artifact_id": f"a{i}", "sha256": "0" * 64, "size": 1, "step": STEPS_PER_LINEAGE - 1}
-                    ),
-                },
-            )
-        )
+    for _ in range(n_observations // STEPS_PER_LINEAGE):
+        # NOTE: enqueued params are decided already, so seeding costs no FMS decision.
+        study.enqueue_trial({n: random.sample_independent(study, None, n, d) for n, d in DISTRIBUTIONS.items()})  # type: ignore[arg-type]
+        trial = study.ask(DISTRIBUTIONS)
+        run = _Run(weights is not None)
+        for step, value in zip(range(STEPS_PER_LINEAGE), _curve(trial.params, range(STEPS_PER_LINEAGE), rng)):
+            run.step(trial, step, value)
+        study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FROZEN, "seed")
+        study.tell(trial, state=TrialState.PRUNED)
     return study
 
 
-def measure(n_observations: int, decisions: int, seed: int = 0) -> dict[str, list[float]]:
+def measure(n_observations: int, decisions: int, weights: str | None, seed: int = 0) -> dict[str, list[float]]:
     rng = np.random.default_rng(seed)
-    study = _seed_study(n_observations, rng)
-    sampler, pruner = study.sampler, study.pruner
-    # Warm-up: the first fit from scratch happens once per study, not per decision.
-    trial = study.ask()
-    sampler_times, pruner_times = [], []
-    for _ in range(decisions):
-        t0 = time.perf_counter()
-        trial = study.ask()
-        sampler_times.append(time.perf_counter() - t0)
-        params = {n: trial._suggest(n, d) for n, d in DISTRIBUTIONS.items()}
-        start = trial.user_attrs.get(lin_mod.USER_START_STEP, 0)
-        study._storage.set_trial_system_attr(
-            trial._trial_id, f"{lin_mod.CHECKPOINT_PREFIX}{start:09d}",
-            json.dumps({"artifact_id": f"t{trial.number}", "sha256": "0" * 64, "size": 1, "step": start}),
-        )
-        trial.report(_curve(params, range(start, start + 1), rng)[0], start)
-        t0 = time.perf_counter()
-        frozen = pruner.prune(study, study._storage.get_trial(trial._trial_id))
-        pruner_times.append(time.perf_counter() - t0)
-        study.tell(trial, state=TrialState.PRUNED) if frozen else study.tell(trial, state=TrialState.PRUNED)
+    with tempfile.TemporaryDirectory() as folder:
+        study = _seed_study(n_observations, weights, folder, rng)
+        pruner = study.pruner
+        study.ask()  # warm-up: the first fit from scratch (and graph reads) happen once per study
+        sampler_times, pruner_times = [], []
+        for _ in range(decisions):
+            t0 = time.perf_counter()
+            trial = study.ask()
+            sampler_times.append(time.perf_counter() - t0)
+            params = {n: trial._suggest(n, d) for n, d in DISTRIBUTIONS.items()}
+            start = trial.user_attrs.get(lin_mod.USER_START_STEP, 0)
+            _Run(weights is not None).step(trial, start, _curve(params, range(start, start + 1), rng)[0])
+            t0 = time.perf_counter()
+            pruner.prune(study, study._storage.get_trial(trial._trial_id))
+            pruner_times.append(time.perf_counter() - t0)
+            study.tell(trial, state=TrialState.PRUNED)
     return {"sampler": sampler_times, "pruner": pruner_times}
 
 
@@ -96,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--decisions", type=int, default=30)
+    parser.add_argument("--weights", nargs="+", default=["none", "gmn"],
+                        help="surrogate variants to time: none (DyHPO), gmn, flat")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -107,14 +133,19 @@ def main() -> None:
         "bar": "p50 <= 0.5 s at 1000 observations",
         "sizes": {},
     }
-    for n in args.sizes:
-        times = measure(n, args.decisions)
-        row = {
-            name: {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "n": len(t)}
-            for name, t in times.items()
-        }
-        results["sizes"][str(n)] = row
-        print(f"{n:5d} observations: " + ", ".join(f"{k} p50 {v['p50']:.3f} s p95 {v['p95']:.3f} s" for k, v in row.items()))
+    for weights in args.weights:
+        variant = results["sizes"].setdefault(weights, {})
+        for n in args.sizes:
+            times = measure(n, args.decisions, None if weights == "none" else weights)
+            row = {
+                name: {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)),
+                       "max": float(np.max(t)), "n": len(t)}
+                for name, t in times.items()
+            }
+            variant[str(n)] = row
+            print(f"weights={weights:<5} {n:5d} observations: "
+                  + ", ".join(f"{k} p50 {v['p50']:.3f} s p95 {v['p95']:.3f} s max {v['max']:.3f} s" for k, v in row.items()),
+                  flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "overhead.png")
@@ -126,14 +157,18 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = list(results["sizes"])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    variants = list(results["sizes"])
+    sizes = list(results["sizes"][variants[0]])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     x = np.arange(len(sizes))
-    for i, name in enumerate(("pruner", "sampler")):
-        p50 = [results["sizes"][s][name]["p50"] for s in sizes]
-        p95 = [results["sizes"][s][name]["p95"] for s in sizes]
-        ax.bar(x + (i - 0.5) * 0.35, p50, 0.35, label=f"{name} p50")
-        ax.scatter(x + (i - 0.5) * 0.35, p95, marker="_", s=300, color="k", label="p95" if i == 0 else None)
+    bars = [(w, name) for w in variants for name in ("pruner", "sampler")]
+    width = 0.8 / len(bars)
+    for i, (w, name) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        p50 = [results["sizes"][w][s][name]["p50"] for s in sizes]
+        p95 = [results["sizes"][w][s][name]["p95"] for s in sizes]
+        ax.bar(x + offset, p50, width, label=f"{name} p50 (weights {w})")
+        ax.scatter(x + offset, p95, marker="_", s=120, color="k", label="p95" if i == 0 else None)
     ax.axhline(0.5, color="r", ls="--", lw=1, label="bar: p50 0.5 s")
     ax.set_xticks(x, [f"{s} obs." for s in sizes])
     ax.set_ylabel("seconds per decision")

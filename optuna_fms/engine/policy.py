@@ -225,10 +225,17 @@ class FreezeThawPolicy:
             return
         if history.n_observations < 2:
             return
-        if self._surrogate is None or self._surrogate.config_dim != history.space.width:
+        # NOTE: the weight branch exists only once some checkpoint has a graph, so a study
+        # without architectures runs exactly DyHPO's network.
+        weights = self.settings.weights if history.graph_keys else None
+        if (
+            self._surrogate is None
+            or self._surrogate.config_dim != history.space.width
+            or self._surrogate.weights != weights
+        ):
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
-                self.settings.weights,
+                weights,
                 use_curve=self.settings.use_curve,
                 curve_length=history.curve_length,
                 settings=self.settings.fit,

@@ -80,6 +80,9 @@ class FitSettings:
     refine_steps: int = 30
     learning_rate: float = 1e-2
     refit_every: int = 50  # a fit from scratch every this many new observations
+    # NOTE: the exact GP's cost grows with the cube of the rows. 256 rows and 20 refinement
+    # steps were 3x cheaper but, on the tutorial over 3 seeds, reached 0.87-0.92 validation
+    # accuracy in 60 trials against 0.98-0.996 with these defaults.
     max_rows: int = 384  # exact GP on at most this many rows (the newest of each lineage kept)
     weight_steps: int = 30  # steps of a full fit in which the weight encoder learns too
 

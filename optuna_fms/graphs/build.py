@@ -5,8 +5,9 @@ The graph has one node per neuron or channel and one edge per weight, following 
 same, up to relabelling, for every model that differs by a permutation of hidden neurons.
 
 Node features (``ParameterGraph.node_features``, float ``[N, 9]``), columns ``NF_*``:
-    0 type      ``NODE_*``: input, token (an Embedding row), neuron (Linear / Embedding / attention
-                output), channel (conv), attention q / k / v, attention head, norm copy
+    0 type      ``NODE_*``: input, token (an Embedding row, or a block of rows when coarsened),
+                neuron (Linear / Embedding / attention output), channel (conv), attention q / k / v,
+                attention head, norm copy, summary (one per coarsened weight tensor, see below)
     1 layer     index of the producing layer in data-flow order (0 for network inputs and tokens)
     2 position  index within the network inputs, the Embedding vocabulary or the network outputs;
                 -1 for every hidden node
@@ -18,7 +19,8 @@ Node features (``ParameterGraph.node_features``, float ``[N, 9]``), columns ``NF
     8 var       BatchNorm running variance (1 when absent)
 
 Edge features (``ParameterGraph.edge_features``, float ``[E, 5]``), columns ``EF_*``:
-    0 value     the weight (1 for structural edges: residual, attention structure, norm copy)
+    0 value     the weight (1 for structural edges: residual, attention structure, norm copy; a
+                mean or standard deviation for the summary edges of coarsened layers)
     1 type      ``EDGE_*``
     2 layer     layer index of the destination layer
     3 kx, 4 ky  conv kernel position as an offset normalized to [-1, 1] (0 for non-conv edges)
@@ -38,6 +40,41 @@ Layer encodings:
                     projection's columns) relabels the graph, matching the true symmetries.
 Parameter-free ops (activations, pooling, dropout, flatten, reshape, transpose, mean over
 non-feature axes) pass neuron identity through; they are assumed not to mix the feature axis.
+
+Coarsening (``build_graph(..., coarsen=C)``; off by default). One edge per weight does not scale to
+large models (a 22M-parameter MiniLM would be a 22M-edge graph). With ``coarsen=C``, every weight
+tensor with more than ``C`` scalars is summarized; every tensor with at most ``C`` scalars, and all
+nodes, biases, norms, residual and attention-structure edges, are built exactly as without it (a
+model whose tensors are all at most ``C`` gets the identical graph). Two rules:
+
+    Linear, conv and attention projections (``W`` is ``[out, in]``, or ``[out, in/groups * k]``
+    for a conv: one row per destination node). All nodes are kept. Each destination keeps only its
+    largest-magnitude incoming weights as ordinary weight edges: the entries of row ``o`` with
+    ``|W[o, j]|`` *strictly greater* than the row's ``(k+1)``-th largest magnitude, so at most
+    ``k = max(1, (C - 2 * (out + in)) // out)`` of them (fewer on exact ties; an all-zero row keeps
+    none). One ``NODE_SUMMARY`` node is added per coarsened tensor, wired by
+    ``EDGE_SUMMARY_MEAN`` / ``EDGE_SUMMARY_STD`` edges whose values are the mean / population
+    standard deviation of a full set of weights: summary -> destination ``o`` over row ``o`` (all of
+    ``o``'s incoming weights), source ``j`` -> summary over column ``j`` (all of ``j``'s outgoing
+    weights in this tensor, kernel positions included). A coarsened tensor has at most
+    ``max(C, 3 * out + 2 * in)`` edges.
+
+    Embedding (``[vocab, dim]``). Token rows carry identity (their vocabulary index), so they are
+    grouped by index into ``B = max(1, min(vocab, C // (2 * dim)))`` contiguous blocks; each block
+    is one ``NODE_TOKEN`` node whose position is its first token's index, with two edges to every
+    embedding dimension: ``EDGE_SUMMARY_MEAN`` / ``EDGE_SUMMARY_STD`` of the block's rows in that
+    column. At most ``max(C, 2 * dim)`` edges.
+
+Why invariance still holds. A hidden-neuron permutation permutes the rows and/or columns of each
+weight tensor (jointly across tensors, as in the uncoarsened graph) and never the vocabulary or the
+network inputs. Row and column means / deviations are invariant to the order within the row or
+column and follow its row / column. The kept set of row ``o`` is defined by a magnitude threshold
+computed from the row's multiset of values, so it is the same set of (source, weight) pairs after
+any relabelling of sources; no index-based tie-breaking is involved (exact ties at the threshold are
+dropped together). Vocabulary blocks depend only on token indices, which are identities, and
+their column statistics follow the embedding dimensions. So the coarsened graph of a permuted model
+is a relabelling of the coarsened graph of the original, exactly as without coarsening; inputs,
+outputs and tokens keep their position features.
 """
 
 from __future__ import annotations
@@ -71,12 +108,15 @@ ARCHITECTURE_FORMAT = "optuna_fms.architecture"
 ARCHITECTURE_VERSION = 1
 
 (NODE_INPUT, NODE_TOKEN, NODE_NEURON, NODE_CHANNEL, NODE_ATTN_Q, NODE_ATTN_K, NODE_ATTN_V,
- NODE_ATTN_HEAD, NODE_NORM_COPY) = range(9)
-NUM_NODE_TYPES = 9
+ NODE_ATTN_HEAD, NODE_NORM_COPY, NODE_SUMMARY) = range(10)
+NUM_NODE_TYPES = 10
 (EDGE_LINEAR, EDGE_CONV, EDGE_EMBEDDING, EDGE_ATTN_Q, EDGE_ATTN_K, EDGE_ATTN_V, EDGE_ATTN_OUT,
- EDGE_RESIDUAL, EDGE_ATTN_QK, EDGE_ATTN_KEY_HEAD, EDGE_ATTN_HEAD_VALUE, EDGE_NORM_COPY) = range(12)
-NUM_EDGE_TYPES = 12
-#: Edge types that carry one weight scalar each (the others are structural, value 1).
+ EDGE_RESIDUAL, EDGE_ATTN_QK, EDGE_ATTN_KEY_HEAD, EDGE_ATTN_HEAD_VALUE, EDGE_NORM_COPY,
+ EDGE_SUMMARY_MEAN, EDGE_SUMMARY_STD) = range(14)
+NUM_EDGE_TYPES = 14
+#: Edge types of coarsened layers: the mean / std of a set of weights (see "Coarsening").
+SUMMARY_EDGE_TYPES = (EDGE_SUMMARY_MEAN, EDGE_SUMMARY_STD)
+#: Edge types that carry one weight scalar each (the others are structural, value 1, or summaries).
 WEIGHT_EDGE_TYPES = (EDGE_LINEAR, EDGE_CONV, EDGE_EMBEDDING, EDGE_ATTN_Q, EDGE_ATTN_K, EDGE_ATTN_V,
                      EDGE_ATTN_OUT)
 NORM_NONE, NORM_BATCH, NORM_LAYER, NORM_GROUP = range(4)
@@ -411,9 +451,17 @@ def _offsets(k: int, dtype: torch.dtype) -> Tensor:
     return (torch.arange(k, dtype=dtype) * 2 - (k - 1)) / max(k - 1, 1)
 
 
+def _stats(w: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean and population std along ``dim`` of a 2-D tensor (two passes: faster than
+    ``torch.std_mean`` on CPU, and as accurate)."""
+    mean = w.mean(dim, keepdim=True)
+    return mean.squeeze(dim), (w - mean).square_().mean(dim).sqrt_()
+
+
 class _Builder:
-    def __init__(self, tensors: dict[str, Tensor], dtype: torch.dtype, max_edges: int | None):
-        self.t, self.dtype, self.max_edges = tensors, dtype, max_edges
+    def __init__(self, tensors: dict[str, Tensor], dtype: torch.dtype, max_edges: int | None,
+                 coarsen: int | None = None):
+        self.t, self.dtype, self.max_edges, self.coarsen = tensors, dtype, max_edges, coarsen
         self.num_nodes = 0
         self.num_edges = 0
         self.node_blocks: list[Tensor] = []
@@ -459,15 +507,53 @@ class _Builder:
         self.num_edges += n
         if self.max_edges is not None and self.num_edges > self.max_edges:
             raise ValueError(f"parameter graph exceeds max_edges={self.max_edges} at layer "
-                             f"{name!r} ({self.num_edges} edges so far); coarsening of large layers "
-                             "is not implemented yet")
+                             f"{name!r} ({self.num_edges} edges so far); pass coarsen=... to "
+                             "summarize large layers")
+
+    def coarsened(self, numel: int) -> bool:
+        return self.coarsen is not None and numel > self.coarsen
 
     def dense(self, src_ids: Tensor, dst_ids: Tensor, w: Tensor, kind: int, layer: int,
               name: str) -> None:
-        """Edges src_ids[j] -> dst_ids[o] with value w[o, j]."""
+        """Edges src_ids[j] -> dst_ids[o] with value w[o, j] (summarized above ``coarsen``)."""
         o, i = w.shape
+        if self.coarsened(w.numel()):
+            rows, cols = self.top_rows(w, i)
+            self.summarize(w, w, src_ids, dst_ids, rows.numel(), layer, name)
+            self.edges(src_ids[cols], dst_ids[rows], w[rows, cols], kind, layer)
+            return
         self.reserve(w.numel(), name)
         self.edges(src_ids.repeat(o), dst_ids.repeat_interleave(i), w.reshape(-1), kind, layer)
+
+    def top_rows(self, w: Tensor, n_in: int) -> tuple[Tensor, Tensor]:
+        """(row, column) of entries above their row's (k+1)-th largest magnitude (see Coarsening).
+
+        ``n_in`` is the number of source nodes, which sets ``k`` (for a conv, rows also span kernel
+        positions). The threshold depends on each row's values only, never on index order.
+        """
+        assert self.coarsen is not None
+        out, width = w.shape
+        k = max(1, (self.coarsen - 2 * (out + n_in)) // out)
+        if k >= width:  # NOTE: only when 2 * (out + n_in) dominates; keep every entry
+            return torch.nonzero(torch.ones_like(w, dtype=torch.bool), as_tuple=True)
+        top, idx = w.abs().topk(k + 1, dim=1, sorted=True)
+        # NOTE: entries strictly above the (k+1)-th magnitude are all among the top k
+        keep = top[:, :k] > top[:, k:]
+        return torch.arange(out).unsqueeze(1).expand(out, k)[keep], idx[:, :k][keep]
+
+    def summarize(self, rows: Tensor, cols: Tensor, src_ids: Tensor, dst_ids: Tensor, kept: int,
+                  layer: int, name: str) -> None:
+        """A summary node: EDGE_SUMMARY_* from it to each destination (over ``rows[o, :]``) and
+        to it from each source (over ``cols[:, j]``)."""
+        self.reserve(kept + 2 * (dst_ids.numel() + src_ids.numel()), name)
+        summary = self.nodes(1, NODE_SUMMARY, layer)
+        r_mean, r_std = _stats(rows, 1)
+        c_mean, c_std = _stats(cols, 0)
+        to_dst, from_src = summary.expand(dst_ids.numel()), summary.expand(src_ids.numel())
+        self.edges(to_dst, dst_ids, r_mean, EDGE_SUMMARY_MEAN, layer)
+        self.edges(to_dst, dst_ids, r_std, EDGE_SUMMARY_STD, layer)
+        self.edges(src_ids, from_src, c_mean, EDGE_SUMMARY_MEAN, layer)
+        self.edges(src_ids, from_src, c_std, EDGE_SUMMARY_STD, layer)
 
     # -- ops -------------------------------------------------------------------------------
     def linear(self, op: dict[str, Any]) -> None:
@@ -484,24 +570,54 @@ class _Builder:
         ks = op["kernel_size"]
         k = math.prod(ks)
         out = self.nodes(n_out, NODE_CHANNEL, self.layer, self.get(op["bias"]))
-        self.reserve(w.numel(), op["name"])
-        o = torch.arange(n_out).view(-1, 1, 1).expand(n_out, n_in_g, k)
-        j = (o // (n_out // groups)) * n_in_g + torch.arange(n_in_g).view(1, -1, 1)
-        p = torch.arange(k).expand(n_out, n_in_g, k).reshape(-1)
+        src_ids = self.values[op["input"]]
+        if self.coarsened(w.numel()):
+            og = n_out // groups
+            rows = w.reshape(n_out, n_in_g * k)
+            # column j = g * n_in_g + c: channel c of group g feeds output channels of group g only
+            cols = w.reshape(groups, og, n_in_g, k).permute(1, 3, 0, 2).reshape(og * k,
+                                                                             groups * n_in_g)
+            o, f = self.top_rows(rows, src_ids.numel())
+            self.summarize(rows, cols, src_ids, out, o.numel(), self.layer, op["name"])
+            j, p = (o // og) * n_in_g + f // k, f % k
+            val = rows[o, f]
+        else:
+            self.reserve(w.numel(), op["name"])
+            o = torch.arange(n_out).view(-1, 1, 1).expand(n_out, n_in_g, k)
+            j = (o // (n_out // groups)) * n_in_g + torch.arange(n_in_g).view(1, -1, 1)
+            j = j.reshape(-1)
+            p = torch.arange(k).expand(n_out, n_in_g, k).reshape(-1)
+            o, val = o.reshape(-1), w.reshape(-1)
         if len(ks) == 1:
             kx, ky = _offsets(ks[0], self.dtype)[p], 0.0
         else:
             kx, ky = _offsets(ks[1], self.dtype)[p % ks[1]], _offsets(ks[0], self.dtype)[p // ks[1]]
-        self.edges(self.values[op["input"]][j.reshape(-1)], out[o.reshape(-1)], w.reshape(-1),
-                   EDGE_CONV, self.layer, kx, ky)
+        self.edges(src_ids[j], out[o], val, EDGE_CONV, self.layer, kx, ky)
         self.set(op["output"], out)
 
     def embedding(self, op: dict[str, Any]) -> None:
         self.layer += 1
         w = self.req(op["weight"])  # [vocab, dim]
-        tokens = self.nodes(w.shape[0], NODE_TOKEN, 0)
-        self.updates.append((tokens, NF_POSITION, torch.arange(w.shape[0], dtype=self.dtype)))
-        out = self.nodes(w.shape[1], NODE_NEURON, self.layer)
+        vocab, dim = w.shape
+        if self.coarsened(w.numel()):
+            assert self.coarsen is not None
+            n_blocks = max(1, min(vocab, self.coarsen // (2 * dim)))
+            # contiguous blocks by token index: block b holds tokens first[b] .. first[b+1]-1
+            first = [-(-b * vocab // n_blocks) for b in range(n_blocks + 1)]
+            tokens = self.nodes(n_blocks, NODE_TOKEN, 0)
+            self.updates.append((tokens, NF_POSITION, torch.tensor(first[:-1], dtype=self.dtype)))
+            out = self.nodes(dim, NODE_NEURON, self.layer)
+            mean, std = (torch.stack(s) for s in zip(*(
+                _stats(w[first[b]:first[b + 1]], 0) for b in range(n_blocks))))
+            self.reserve(2 * n_blocks * dim, op["name"])
+            src, dst = tokens.repeat_interleave(dim), out.repeat(n_blocks)
+            self.edges(src, dst, mean.reshape(-1), EDGE_SUMMARY_MEAN, self.layer)
+            self.edges(src, dst, std.reshape(-1), EDGE_SUMMARY_STD, self.layer)
+            self.set(op["output"], out)
+            return
+        tokens = self.nodes(vocab, NODE_TOKEN, 0)
+        self.updates.append((tokens, NF_POSITION, torch.arange(vocab, dtype=self.dtype)))
+        out = self.nodes(dim, NODE_NEURON, self.layer)
         self.dense(tokens, out, w.t(), EDGE_EMBEDDING, self.layer, op["name"])
         self.set(op["output"], out)
 
@@ -578,24 +694,32 @@ def _checked_tensors(state_dict: Mapping[str, Tensor], shapes: Mapping[str, list
             raise ValueError(f"shape mismatch for {key!r}: state dict has {tuple(t.shape)}, "
                              f"architecture expects {tuple(shape)}")
         t = t.detach().to("cpu", dtype)
-        if not torch.isfinite(t).all():
+        # NOTE: min/max propagate NaN and expose inf, in one pass without a mask the size of t
+        if t.numel() and not all(torch.isfinite(v) for v in torch.aminmax(t)):
             raise ValueError(f"non-finite values (NaN or inf) in {key!r}")
         out[key] = t
     return out
 
 
 def build_graph(state_dict: Mapping[str, Tensor], architecture: Mapping[str, Any], *,
-                max_edges: int | None = None, dtype: torch.dtype = torch.float32) -> ParameterGraph:
+                max_edges: int | None = None, coarsen: int | None = None,
+                dtype: torch.dtype = torch.float32) -> ParameterGraph:
     """Parameter graph of ``state_dict`` laid out as ``architecture`` (from describe_architecture).
 
-    Raises ValueError for a missing key, a shape mismatch (naming the key and both shapes), NaN/inf
-    values, or more than ``max_edges`` edges.
+    ``coarsen``: summarize every weight tensor with more than this many scalars, keeping the graph
+    permutation invariant (see "Coarsening" in the module docstring); None (default) keeps one edge
+    per weight. Raises ValueError for a missing key, a shape mismatch (naming the key and both
+    shapes), NaN/inf values, a ``coarsen`` below 1, or more than ``max_edges`` edges.
     """
     if architecture.get("format") != ARCHITECTURE_FORMAT or architecture.get(
             "version") != ARCHITECTURE_VERSION:
         raise ValueError(f"not an architecture description of format {ARCHITECTURE_FORMAT!r} "
                          f"version {ARCHITECTURE_VERSION}")
-    b = _Builder(_checked_tensors(state_dict, architecture["parameters"], dtype), dtype, max_edges)
+    if coarsen is not None and (isinstance(coarsen, bool) or int(coarsen) != coarsen
+                                or coarsen < 1):
+        raise ValueError(f"coarsen must be a positive integer or None, got {coarsen!r}")
+    b = _Builder(_checked_tensors(state_dict, architecture["parameters"], dtype), dtype, max_edges,
+                 None if coarsen is None else int(coarsen))
     sizes = architecture["sizes"]
     for i, v in enumerate(architecture["inputs"]):
         ids = b.nodes(sizes[v], NODE_INPUT, 0)
@@ -615,10 +739,11 @@ def build_graph(state_dict: Mapping[str, Tensor], architecture: Mapping[str, Any
 
 
 def graph_from_module(module: nn.Module, *, max_edges: int | None = None,
+                      coarsen: int | None = None,
                       dtype: torch.dtype = torch.float32) -> ParameterGraph:
     """``build_graph(module.state_dict(), describe_architecture(module))``."""
     return build_graph(module.state_dict(), describe_architecture(module), max_edges=max_edges,
-                       dtype=dtype)
+                       coarsen=coarsen, dtype=dtype)
 
 
 class GraphCache:
