@@ -24,8 +24,13 @@ class GraphSource:
     weights", and the study goes on. Graphs live in an LRU cache and are re-read when evicted.
     """
 
-    def __init__(self, artifact_store: ArtifactStore | None = None, cache_size: int = 256) -> None:
+    def __init__(
+        self, artifact_store: ArtifactStore | None = None, cache_size: int = 256, coarsen: int | None = 4096
+    ) -> None:
+        """``coarsen``: weight tensors above this many scalars are summarized (see
+        :func:`optuna_fms.graphs.build_graph`), so a large checkpoint stays a small graph."""
         self.artifact_store = artifact_store
+        self.coarsen = coarsen
         self._cache = GraphCache(maxsize=cache_size)
         self._bad: set[str] = set()
         self._lock = threading.Lock()
@@ -52,7 +57,7 @@ class GraphSource:
         ckpt = read_checkpoint(study, record, artifact_store=self.artifact_store)
         if ckpt.architecture is None:
             raise ValueError("the checkpoint carries no architecture")
-        return build_graph(ckpt.state_dict, ckpt.architecture)
+        return build_graph(ckpt.state_dict, ckpt.architecture, coarsen=self.coarsen)
 
 
 class _LazyGraphs(Mapping[str, ParameterGraph]):

@@ -62,3 +62,17 @@ def test_weights_none_is_dyhpo(tmp_path) -> None:
     study = _study(None, tmp_path)  # type: ignore[arg-type]
     study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=8)
     assert study.sampler.policy._surrogate._model.extractor.weights is None
+
+
+def test_a_huge_checkpoint_becomes_a_small_graph(tmp_path) -> None:
+    from optuna_fms.graph_source import GraphSource
+
+    big = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512),
+                              torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}")
+    trial = study.ask()
+    record = optuna_fms.save_checkpoint(trial, big, 0, architecture=optuna_fms.describe_architecture(big))
+    graphs = GraphSource(coarsen=4096).graphs(study, [record])
+    graph = graphs[record.sha256]
+    n_weights = sum(p.numel() for p in big.parameters())
+    assert n_weights > 500_000 and graph.num_edges < 20_000
