@@ -108,3 +108,19 @@ def uninterrupted_weights(params: dict, epochs: int) -> dict[str, torch.Tensor]:
         train_epoch(model, opt, task)
     return model.state_dict()
 
+
+
+def optimize_worker(storage_path: str, study_name: str, n_trials: int, seed: int) -> None:
+    """One worker process of a shared study on a journal file (for multi-process tests)."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from optuna_fms.engine.surrogate import FitSettings
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(storage_path))
+    sampler = optuna_fms.FMSSampler(
+        seed=seed, n_startup_trials=4, pool_size=64, fit_settings=FitSettings(full_steps=100, refine_steps=15)
+    )
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=optuna_fms.FMSPruner())
+    study.optimize(finetune_objective(6), n_trials=n_trials)

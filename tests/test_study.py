@@ -227,3 +227,27 @@ def test_device_is_automatic_and_can_be_overridden() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             optuna_fms.FMSSampler(device="cuda")
+
+
+def test_two_processes_share_a_study_and_never_run_one_lineage_twice(tmp_path) -> None:
+    import multiprocessing
+
+    from optuna.storages.journal import JournalFileBackend
+
+    from tasks import optimize_worker
+
+    path = str(tmp_path / "journal.log")
+    storage = optuna.storages.JournalStorage(JournalFileBackend(path))
+    optuna.create_study(study_name="shared", storage=storage, direction="maximize")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=optimize_worker, args=(path, "shared", 12, seed)) for seed in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=300)
+        assert w.exitcode == 0
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(JournalFileBackend(path)))
+    assert len(study.trials) == 24
+    _assert_lineages_are_chains(study)
+    parents = [t.system_attrs.get(lin_mod.PARENT) for t in study.trials if t.system_attrs.get(lin_mod.PARENT) is not None]
+    assert parents and len(parents) == len(set(parents))
