@@ -1,0 +1,44 @@
+"""optuna-dashboard shows the lineage attributes and the checkpoint artifacts of an FMS study."""
+
+import io
+import json
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+
+import optuna_fms
+
+from tasks import finetune_objective
+
+
+def _get(app, path: str) -> tuple[str, bytes]:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path.split("?")[0], "QUERY_STRING": path.partition("?")[2],
+               "SERVER_NAME": "localhost", "SERVER_PORT": "80", "wsgi.input": io.BytesIO(), "wsgi.url_scheme": "http"}
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc=None: status.append(s)))
+    return status[0], body
+
+
+def test_dashboard_serves_lineages_and_checkpoints(tmp_path) -> None:
+    from optuna_dashboard import wsgi
+
+    storage = f"sqlite:///{tmp_path / 'fms.db'}"
+    study = optuna.create_study(
+        storage=storage, direction="maximize",
+        sampler=optuna_fms.FMSSampler(seed=0, n_startup_trials=3, pool_size=32), pruner=optuna_fms.FMSPruner(),
+    )
+    study.optimize(finetune_objective(3), n_trials=6)
+    app = wsgi(optuna.storages.RDBStorage(storage), artifact_store=FileSystemArtifactStore(str(tmp_path / "fms-artifacts")))
+    status, body = _get(app, f"/api/studies/{study._study_id}?after=0")
+    assert status.startswith("200")
+    trials = json.loads(body)["trials"]
+    attrs = [{a["key"]: a["value"] for a in t["user_attrs"]} for t in trials]
+    assert all("fms:lineage" in a for a in attrs) and any("fms:decision" in a for a in attrs)
+    artifacts = [a for t in trials for a in t["artifacts"]]
+    assert artifacts and all(a["mimetype"] == "application/x-safetensors" for a in artifacts)
+    first = trials[0]
+    status, body = _get(app, f"/artifacts/{study._study_id}/{first['trial_id']}/{first['artifacts'][0]['artifact_id']}")
+    assert status.startswith("200")
+    from safetensors.torch import load
+
+    assert any(key.startswith("model/") for key in load(body))  # the download is the checkpoint itself
