@@ -101,19 +101,23 @@ def measure(n_observations: int, decisions: int, weights: str | None, seed: int 
         study = _seed_study(n_observations, weights, folder, rng)
         pruner = study.pruner
         study.ask()  # warm-up: the first fit from scratch (and graph reads) happen once per study
-        sampler_times, pruner_times = [], []
+        sampler_times, pruner_times, sampler_cpu, pruner_cpu = [], [], [], []
         for _ in range(decisions):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trial = study.ask()
             sampler_times.append(time.perf_counter() - t0)
+            sampler_cpu.append(time.process_time() - c0)
             params = {n: trial._suggest(n, d) for n, d in DISTRIBUTIONS.items()}
             start = trial.user_attrs.get(lin_mod.USER_START_STEP, 0)
             _Run(weights is not None).step(trial, start, _curve(params, range(start, start + 1), rng)[0])
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             pruner.prune(study, study._storage.get_trial(trial._trial_id))
             pruner_times.append(time.perf_counter() - t0)
+            pruner_cpu.append(time.process_time() - c0)
             study.tell(trial, state=TrialState.PRUNED)
-    return {"sampler": sampler_times, "pruner": pruner_times}
+    # NOTE: CPU seconds of this process as well as wall seconds: on a shared machine the wall
+    # clock also counts time spent waiting for other jobs.
+    return {"sampler": sampler_times, "pruner": pruner_times, "sampler_cpu": sampler_cpu, "pruner_cpu": pruner_cpu}
 
 
 def main() -> None:
@@ -129,6 +133,7 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "torch": torch.__version__, "device": "cpu",
+            "load_average_at_start": list(os.getloadavg()),
         },
         "bar": "p50 <= 0.5 s at 1000 observations",
         "sizes": {},
@@ -144,8 +149,9 @@ def main() -> None:
             }
             variant[str(n)] = row
             print(f"weights={weights:<5} {n:5d} observations: "
-                  + ", ".join(f"{k} p50 {v['p50']:.3f} s p95 {v['p95']:.3f} s max {v['max']:.3f} s" for k, v in row.items()),
+                  + ", ".join(f"{k} p50 {v['p50']:.3f} s p95 {v['p95']:.3f} s" for k, v in row.items()),
                   flush=True)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2))
     _plot(results, RESULTS / "overhead.png")

@@ -32,6 +32,7 @@ class GraphSource:
         self.artifact_store = artifact_store
         self.coarsen = coarsen
         self._cache = GraphCache(maxsize=cache_size)
+        self._checked: set[str] = set()  # keys read once already (evicted graphs are re-read lazily)
         self._bad: set[str] = set()
         self._lock = threading.Lock()
 
@@ -39,8 +40,13 @@ class GraphSource:
         """sha256 -> graph for every usable record; new ones are read now, once."""
         by_key = {r.sha256: r for r in records if r.has_graph and r.sha256 not in self._bad}
         for key, record in list(by_key.items()):
-            if key not in self._cache and self._load(study, record) is None:
+            if key in self._checked:
+                continue
+            if self._load(study, record) is None:
                 del by_key[key]
+            else:
+                with self._lock:
+                    self._checked.add(key)
         return _LazyGraphs(self, study, by_key)
 
     def _load(self, study: Study, record: CheckpointRecord) -> ParameterGraph | None:

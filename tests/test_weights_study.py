@@ -51,7 +51,9 @@ def test_a_corrupt_checkpoint_is_left_out_of_the_weights(tmp_path, caplog) -> No
     victim = optuna_fms.lineages(study)[0].checkpoints[0]
     path = tmp_path / "s-artifacts" / victim.artifact_id
     path.write_bytes(path.read_bytes()[:-5])
-    study.sampler.graph_source._cache._items.clear()  # as in a fresh process
+    source = study.sampler.graph_source
+    source._cache._items.clear()  # as in a fresh process
+    source._checked.clear()
     with caplog.at_level("WARNING", logger="optuna_fms"):
         study.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=4)
     assert len(study.trials) == 10

@@ -51,7 +51,8 @@ def test_weights_predict_what_hyperparameters_cannot() -> None:
     truth = history.standardize([history.by_key[k].values[0] for k in test_keys])
     errors = {}
     for kind in (weights, None):
-        model = DeepKernelSurrogate(1, kind, settings=FitSettings(full_steps=150, weight_steps=60), seed=0)
+        settings = FitSettings(full_steps=150, weight_steps=60, weight_graphs=32)
+        model = DeepKernelSurrogate(1, kind, settings=settings, seed=0)
         model.set_graphs(train.graph_keys, train.graphs)
         model.fit(rows, y, keep=keep)
         mean, _ = model.predict(train.candidate_rows(queries))
@@ -103,3 +104,18 @@ def test_encoder_learns_only_while_trainable_and_caches() -> None:
     encoder.train()
     encoder(index).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.net.parameters())
+
+
+def test_a_graph_that_cannot_be_read_counts_as_no_weights() -> None:
+    class Vanishing(dict):
+        def __getitem__(self, key):  # type: ignore[no-untyped-def]
+            if key == "gone":
+                raise KeyError(key)
+            return super().__getitem__(key)
+
+    encoder = WeightEncoder("gmn").double()
+    graphs = Vanishing(ok=graph_from_module(_pretrained(1.0, 0)))
+    encoder.set_table(["ok", "gone"], graphs)
+    out = encoder(torch.tensor([0, 1, -1]))
+    assert torch.equal(out[1], encoder.missing) and torch.equal(out[2], encoder.missing)
+    assert not torch.equal(out[0], encoder.missing)

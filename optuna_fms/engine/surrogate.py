@@ -40,12 +40,13 @@ class FeatureExtractor(torch.nn.Module):
         curve_channels: int = 4,
         use_curve: bool = True,
         curve_length: int = 16,
+        max_graphs: int = 16,
     ) -> None:
         super().__init__()
         self.config_dim = config_dim
         self.curve_length = curve_length
         self.use_curve = use_curve
-        self.weights = WeightEncoder(weights) if weights is not None else None
+        self.weights = WeightEncoder(weights, max_graphs=max_graphs) if weights is not None else None
         embedding_dim = self.weights.dim if self.weights is not None else 0
         self.config_net = torch.nn.Sequential(torch.nn.Linear(config_dim + 1, hidden), torch.nn.LeakyReLU())
         self.curve_net = torch.nn.Sequential(
@@ -84,7 +85,11 @@ class FitSettings:
     # steps were 3x cheaper but, on the tutorial over 3 seeds, reached 0.87-0.92 validation
     # accuracy in 60 trials against 0.98-0.996 with these defaults.
     max_rows: int = 384  # exact GP on at most this many rows (the newest of each lineage kept)
-    weight_steps: int = 30  # steps of a full fit in which the weight encoder learns too
+    # NOTE: the metanetwork's forward and backward dominate a full fit on CPU (bench/runner.py
+    # measured 60-140 s per full fit with 30 steps of 32 graphs), hence few steps of few graphs.
+    weight_steps: int = 20  # steps of a full fit in which the weight encoder learns too
+    weight_graphs: int = 16  # graphs the weight encoder learns from per such step
+    dtype: torch.dtype = torch.float64
 
 
 class DeepKernelSurrogate:
@@ -107,6 +112,7 @@ class DeepKernelSurrogate:
         self.use_curve = use_curve
         self.settings = settings or FitSettings()
         self.device = resolve_device(device)
+        self.dtype = self.settings.dtype
         self._seed = seed
         self._n_fits = 0
         self._model: _ExactDKGP | None = None
@@ -136,8 +142,8 @@ class DeepKernelSurrogate:
         """
         with self._lock:
             index = _subsample(len(rows), self.settings.max_rows, keep, seed=self._seed + self._n_fits)
-            inputs = torch.as_tensor(pack(rows.take(index)), dtype=torch.float64, device=self.device)
-            y = torch.as_tensor(targets[index], dtype=torch.float64, device=self.device)
+            inputs = torch.as_tensor(pack(rows.take(index)), dtype=self.dtype, device=self.device)
+            y = torch.as_tensor(targets[index], dtype=self.dtype, device=self.device)
             from_scratch = (
                 self._model is None or len(rows) - self._fitted_on >= self.settings.refit_every
             )
@@ -177,7 +183,7 @@ class DeepKernelSurrogate:
                 raise RuntimeError("The surrogate has not been fitted.")
             model = self._model
             model.eval()
-            inputs = torch.as_tensor(pack(rows), dtype=torch.float64, device=self.device)
+            inputs = torch.as_tensor(pack(rows), dtype=self.dtype, device=self.device)
             with torch.no_grad(), _one_thread(), gpytorch.settings.fast_pred_var(), gpytorch.settings.cholesky_jitter(1e-6):
                 # NOTE: the predictive distribution includes the observation noise, as in DyHPO;
                 # without it a well-observed run's EI collapses to ~0 and it thrashes.
@@ -188,12 +194,13 @@ class DeepKernelSurrogate:
 
     def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactDKGP:
         extractor = FeatureExtractor(
-            self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length
+            self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+            max_graphs=self.settings.weight_graphs,
         )
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(1e-4)
         )
-        model = _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=torch.float64)
+        model = _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=self.dtype)
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)

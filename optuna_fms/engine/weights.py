@@ -27,7 +27,7 @@ class WeightEncoder(nn.Module):
     cached, detached embeddings). Frozen, every graph is embedded once and cached.
     """
 
-    def __init__(self, kind: str, dim: int = 32, *, flat_dim: int = 256, max_graphs: int = 32, seed: int = 0) -> None:
+    def __init__(self, kind: str, dim: int = 32, *, flat_dim: int = 256, max_graphs: int = 16, seed: int = 0) -> None:
         super().__init__()
         if kind not in WEIGHT_KINDS:
             raise ValueError(f"Unknown weight encoder {kind!r}; use one of {WEIGHT_KINDS}.")
@@ -43,6 +43,8 @@ class WeightEncoder(nn.Module):
         self._keys: list[str] = []
         self._graphs: Mapping[str, ParameterGraph] = {}
         self._cache: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, ParameterGraph] = {}  # read by _available, consumed by _run
+        self._unavailable: set[str] = set()
         self._sketches: dict[str, torch.Tensor] = {}
         self._rng = np.random.default_rng(seed)
 
@@ -72,7 +74,8 @@ class WeightEncoder(nn.Module):
         if self.trainable and self.training:
             chosen = self._rng.permutation(len(keys))[: self.max_graphs]
             learn = {keys[i] for i in chosen}
-        stale = [k for k in keys if k not in self._cache and k not in learn]
+        learn = {k for k in learn if self._available(k)}
+        stale = [k for k in keys if k not in self._cache and k not in learn and self._available(k)]
         if stale:
             with torch.no_grad():
                 for k, e in zip(stale, self._run(stale)):
@@ -81,11 +84,25 @@ class WeightEncoder(nn.Module):
         if learn:
             for k, e in fresh.items():
                 self._cache[k] = e.detach()
-        rows = [fresh[k] if k in fresh else self._cache[k] for k in keys]
-        return torch.stack(rows).to(p.device, p.dtype)
+        rows = [fresh[k] if k in fresh else self._cache.get(k, p) for k in keys]
+        return torch.stack([r.to(p.device, p.dtype) for r in rows])
+
+    def _available(self, key: str) -> bool:
+        """Whether ``key``'s graph can be read; one that cannot (e.g. its checkpoint vanished)
+        counts as "no weights" from then on."""
+        if key in self._cache or key in self._pending:
+            return True
+        if key in self._unavailable:
+            return False
+        try:
+            self._pending[key] = self._graphs[key]
+            return True
+        except KeyError:
+            self._unavailable.add(key)
+            return False
 
     def _run(self, keys: list[str]) -> torch.Tensor:
-        graphs = [self._graphs[k] for k in keys]
+        graphs = [self._pending.pop(k) if k in self._pending else self._graphs[k] for k in keys]
         if self.kind == "gmn":
             return self.net.embed(graphs)  # type: ignore[operator]
         p = next(self.net.parameters())

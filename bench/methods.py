@@ -1,0 +1,103 @@
+"""The HPO methods the hub benchmark compares: name -> factory(seed, hub) -> (sampler, pruner).
+
+Every method sees the same objective (:mod:`bench.runner`): a hub's grid as categorical
+parameters, one report per epoch at steps ``0 .. n_epochs - 1``. Hyperband / successive halving
+count resources in those steps; FMS knows the run length through ``FMSPruner(max_steps=...)``.
+
+``reads_weights(name)`` says whether the runner must save checkpoints *with* an architecture and
+register the zoo's pretrained weights (the surrogate embeds them); ``resumable(name)`` whether it
+must save checkpoints at all (FMSPruner only freezes a run it can resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+import warnings
+
+import optuna
+
+import optuna_fms
+
+Factory = Callable[[int, Any], tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    factory: Factory
+    fms: bool = False  # FMSSampler + FMSPruner: runs are frozen and thawed
+    weights: str | None = None  # what the FMS surrogate reads from checkpoints
+    note: str = ""
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _random(seed: int, hub: Any):
+    return optuna.samplers.RandomSampler(seed=seed), optuna.pruners.NopPruner()
+
+
+def _tpe(seed: int, hub: Any):
+    return optuna.samplers.TPESampler(seed=seed), optuna.pruners.NopPruner()
+
+
+def _tpe_hyperband(seed: int, hub: Any):
+    return (optuna.samplers.TPESampler(seed=seed),
+            optuna.pruners.HyperbandPruner(min_resource=1, max_resource=hub.n_epochs, reduction_factor=3))
+
+
+def _tpe_sha(seed: int, hub: Any):
+    return (optuna.samplers.TPESampler(seed=seed),
+            optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+
+
+def _gp_median(seed: int, hub: Any):
+    _quiet()
+    return (optuna.samplers.GPSampler(seed=seed),
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
+
+
+def _fms(*, weights: str | None, target: str = "final", use_learning_curve: bool = True) -> Factory:
+    def factory(seed: int, hub: Any):
+        sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
+                                        use_learning_curve=use_learning_curve)
+        pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights)
+        return sampler, pruner
+
+    return factory
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("random", _random, note="RandomSampler, full runs"),
+    Method("tpe", _tpe, note="TPESampler, full runs"),
+    Method("tpe-hyperband", _tpe_hyperband, note="TPE + HyperbandPruner(min 1, max n_epochs, eta 3)"),
+    Method("tpe-sha", _tpe_sha, note="TPE + SuccessiveHalvingPruner(min 1, eta 3)"),
+    Method("gp-median", _gp_median, note="GPSampler + MedianPruner(5 start-up trials, 1 warm-up step)"),
+    Method("dyhpo", _fms(weights=None, target="next"), fms=True,
+           note="FMS engine as DyHPO: no weights, EI one step ahead"),
+    Method("fms", _fms(weights=None), fms=True, note="FMS, no weights, default target (forecast EI)"),
+    Method("fms-gmn", _fms(weights="gmn"), fms=True, weights="gmn",
+           note="FMS, graph-metanetwork weight embedding + learning curve"),
+    Method("fms-gmn-nolc", _fms(weights="gmn", use_learning_curve=False), fms=True, weights="gmn",
+           note="FMS, graph metanetwork, no learning-curve branch"),
+    Method("fms-flat", _fms(weights="flat"), fms=True, weights="flat",
+           note="FMS, flat weight sketch + learning curve"),
+]}
+
+
+def get(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+
+
+def reads_weights(name: str) -> bool:
+    return get(name).weights is not None
+
+
+def resumable(name: str) -> bool:
+    return get(name).fms
