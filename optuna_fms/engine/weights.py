@@ -45,6 +45,7 @@ class WeightEncoder(nn.Module):
         self._cache: dict[str, torch.Tensor] = {}
         self._pending: dict[str, ParameterGraph] = {}  # read by _available, consumed by _run
         self._unavailable: set[str] = set()
+        self._memo: tuple[tuple, torch.Tensor] | None = None
         self._sketches: dict[str, torch.Tensor] = {}
         self._rng = np.random.default_rng(seed)
 
@@ -56,17 +57,26 @@ class WeightEncoder(nn.Module):
 
     def reset_cache(self) -> None:
         self._cache.clear()
+        self._memo = None
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         index = index.long()
-        out = self.missing.expand(len(index), self.dim).clone()
-        present = index >= 0
+        present = (index >= 0).unsqueeze(1)
+        missing = self.missing.expand(len(index), self.dim)
         if not bool(present.any()):
-            return out
-        unique, inverse = torch.unique(index[present], return_inverse=True)
-        keys = [self._keys[i] for i in unique.tolist()]
-        out[present] = self._embed(keys)[inverse]
-        return out
+            return missing.clone()
+        learning = self.trainable and self.training
+        # NOTE: frozen, the embeddings of one set of rows never change, and a refinement asks
+        # for the same rows at every step: remember the last answer.
+        memo_key = (tuple(self._keys), index.cpu().numpy().tobytes())
+        if not learning and self._memo is not None and self._memo[0] == memo_key:
+            embedded = self._memo[1]
+        else:
+            unique, inverse = torch.unique(index.clamp_min(0), return_inverse=True)
+            keys = [self._keys[i] for i in unique.tolist()]
+            embedded = self._embed(keys)[inverse]
+            self._memo = None if learning else (memo_key, embedded.detach())
+        return torch.where(present, embedded, missing)
 
     def _embed(self, keys: list[str]) -> torch.Tensor:
         p = self.missing
