@@ -69,11 +69,8 @@ class _Run:
             optuna_fms.save_checkpoint(trial, self.model, step, architecture=self.architecture, save_rng=False)
         else:
             # NOTE: a checkpoint record makes the lineage thawable; without weights it is never read.
-            study_storage = trial.study._storage
-            study_storage.set_trial_system_attr(
-                trial._trial_id, f"{lin_mod.CHECKPOINT_PREFIX}{step:09d}",
-                json.dumps({"artifact_id": f"t{trial.number}-{step}", "sha256": "0" * 64, "size": 1, "step": step}),
-            )
+            record = lin_mod.CheckpointRecord(trial.number, trial._trial_id, step, f"t{trial.number}-{step}", "0" * 64, 1)
+            lin_mod.record_checkpoint(trial.study, trial._trial_id, record)
         trial.report(value, step)
 
 

@@ -156,10 +156,12 @@ def best_lineage(study: Study) -> Lineage | None:
 
 
 def lineage_of(study: Study, trial_number: int) -> Lineage | None:
-    for lin in lineages(study):
-        if any(t.number == trial_number for t in lin.trials):
-            return lin
-    return None
+    return find_lineage(lineages(study), trial_number)
+
+
+def find_lineage(lineages: Sequence[Lineage], trial_number: int) -> Lineage | None:
+    """The lineage one of whose segments is trial ``trial_number``."""
+    return next((lin for lin in lineages if any(t.number == trial_number for t in lin.trials)), None)
 
 
 def claim(study: Study, trial: FrozenTrial, parent_number: int) -> bool:

@@ -106,7 +106,7 @@ class FMSPruner(BasePruner):
             policy, lock, graphs = self._own, self._own_lock, self._own_graphs
         with lock:
             lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
-            mine = next((lin for lin in lineages if any(t.number == trial.number for t in lin.trials)), None)
+            mine = lin_mod.find_lineage(lineages, trial.number)
             if mine is None:
                 return Decision("continue", reason="trial not found")
             resumable = shared and bool(mine.checkpoints)
