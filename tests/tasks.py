@@ -109,6 +109,25 @@ def uninterrupted_weights(params: dict, epochs: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def optimize_until(
+    study: optuna.Study,
+    objective,
+    enough,
+    *,
+    chunk: int,
+    max_trials: int,
+    n_jobs: int = 1,
+) -> None:
+    """Optimize in chunks until ``enough(study)`` holds, or fail after ``max_trials``.
+
+    NOTE: how many trials a thaw takes depends on floating point and, with threads, on timing
+    (both differ between machines), so tests wait for the event they check instead of
+    assuming it happens within a fixed count.
+    """
+    while not enough(study):
+        assert len(study.trials) < max_trials, f"condition not met within {len(study.trials)} trials"
+        study.optimize(objective, n_trials=chunk, n_jobs=n_jobs)
+
 
 def optimize_worker(storage_path: str, study_name: str, n_trials: int, seed: int) -> None:
     """One worker process of a shared study on a journal file (for multi-process tests)."""
