@@ -8,6 +8,9 @@ also read the new checkpoint, build its graph and embed it.
 Writes ``bench/results/overhead.json`` and ``overhead.png``.
 
     python -m bench.overhead [--sizes 100 300 1000] [--decisions 30] [--weights none gmn]
+                             [--device auto|cpu|cuda] [--out bench/results]
+
+``--device`` is the surrogate's (default: the GPU when there is one); the bar is for 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ class _Run:
         trial.report(value, step)
 
 
-def _seed_study(n_observations: int, weights: str | None, folder: str, rng: np.random.Generator) -> optuna.Study:
+def _seed_study(
+    n_observations: int, weights: str | None, folder: str, rng: np.random.Generator, device: str | None
+) -> optuna.Study:
     """A study with ``n_observations`` reports in frozen lineages of 10 steps, each step checkpointed."""
     store = optuna.artifacts.FileSystemArtifactStore(folder)
-    sampler = optuna_fms.FMSSampler(seed=0, weights=weights, artifact_store=store)
+    sampler = optuna_fms.FMSSampler(seed=0, weights=weights, artifact_store=store, device=device)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=optuna_fms.FMSPruner())
     random = optuna.samplers.RandomSampler(seed=0)
     for _ in range(n_observations // STEPS_PER_LINEAGE):
@@ -92,10 +97,12 @@ def _seed_study(n_observations: int, weights: str | None, folder: str, rng: np.r
     return study
 
 
-def measure(n_observations: int, decisions: int, weights: str | None, seed: int = 0) -> dict[str, list[float]]:
+def measure(
+    n_observations: int, decisions: int, weights: str | None, seed: int = 0, device: str | None = None
+) -> dict[str, list[float]]:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as folder:
-        study = _seed_study(n_observations, weights, folder, rng)
+        study = _seed_study(n_observations, weights, folder, rng, device)
         pruner = study.pruner
         study.ask()  # warm-up: the first fit from scratch (and graph reads) happen once per study
         sampler_times, pruner_times, sampler_cpu, pruner_cpu = [], [], [], []
@@ -123,13 +130,19 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=30)
     parser.add_argument("--weights", nargs="+", default=["none", "gmn"],
                         help="surrogate variants to time: none (DyHPO), gmn, flat")
+    parser.add_argument("--device", default="auto", help="the surrogate's device: auto, cpu, cuda")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    from optuna_fms.engine.device import resolve_device
+
+    device = resolve_device(args.device)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     results = {
         "machine": {
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "torch": torch.__version__, "device": "cpu",
+            "platform": platform.platform(), "torch": torch.__version__, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "load_average_at_start": list(os.getloadavg()),
         },
         "bar": "p50 <= 0.5 s at 1000 observations",
@@ -138,7 +151,7 @@ def main() -> None:
     for weights in args.weights:
         variant = results["sizes"].setdefault(weights, {})
         for n in args.sizes:
-            times = measure(n, args.decisions, None if weights == "none" else weights)
+            times = measure(n, args.decisions, None if weights == "none" else weights, device=str(device))
             row = {
                 name: {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)),
                        "max": float(np.max(t)), "n": len(t)}
@@ -149,9 +162,9 @@ def main() -> None:
                   + ", ".join(f"{k} p50 {v['p50']:.3f} s p95 {v['p95']:.3f} s" for k, v in row.items()),
                   flush=True)
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(results, indent=2))
-    _plot(results, RESULTS / "overhead.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(results, indent=2))
+    _plot(results, args.out / "overhead.png")
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -175,7 +188,7 @@ def _plot(results: dict, path: Path) -> None:
     ax.axhline(0.5, color="r", ls="--", lw=1, label="bar: p50 0.5 s")
     ax.set_xticks(x, [f"{s} obs." for s in sizes])
     ax.set_ylabel("seconds per decision")
-    ax.set_title("FMS decision overhead (CPU)")
+    ax.set_title(f"FMS decision overhead ({results['machine']['device']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

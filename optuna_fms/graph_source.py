@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from optuna_fms._warnings import warn_once
 from optuna_fms.checkpoints import CheckpointError, read_checkpoint
-from optuna_fms.graphs.build import GraphCache, ParameterGraph, build_graph
+from optuna_fms.graphs.build import GraphCache, ParameterGraph
+from optuna_fms.graphs.template import TemplatedBuilder
 from optuna_fms.lineage import CheckpointRecord
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class GraphSource:
         :func:`optuna_fms.graphs.build_graph`), so a large checkpoint stays a small graph."""
         self.artifact_store = artifact_store
         self.coarsen = coarsen
+        self._build_graph = TemplatedBuilder(coarsen=coarsen)
         self._cache = GraphCache(maxsize=cache_size)
         self._checked: set[str] = set()  # keys read once already (evicted graphs are re-read lazily)
         self._bad: set[str] = set()
@@ -63,7 +65,7 @@ class GraphSource:
         ckpt = read_checkpoint(study, record, artifact_store=self.artifact_store)
         if ckpt.architecture is None:
             raise ValueError("the checkpoint carries no architecture")
-        return build_graph(ckpt.state_dict, ckpt.architecture, coarsen=self.coarsen)
+        return self._build_graph(ckpt.state_dict, ckpt.architecture)
 
 
 class _LazyGraphs(Mapping[str, ParameterGraph]):
