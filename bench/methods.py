@@ -81,6 +81,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("fms", _fms(weights=None), fms=True, note="FMS, no weights, default target (forecast EI)"),
     Method("fms-gmn", _fms(weights="gmn"), fms=True, weights="gmn",
            note="FMS, graph-metanetwork weight embedding + learning curve"),
+    Method("fms-gmn-next", _fms(weights="gmn", target="next"), fms=True, weights="gmn",
+           note="FMS as in the paper: graph metanetwork + learning curve, EI one step ahead (DyHPO's rule)"),
     Method("fms-gmn-nolc", _fms(weights="gmn", use_learning_curve=False), fms=True, weights="gmn",
            note="FMS, graph metanetwork, no learning-curve branch"),
     Method("fms-flat", _fms(weights="flat"), fms=True, weights="flat",

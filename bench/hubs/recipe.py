@@ -4,7 +4,7 @@ A :class:`HubRecipe` names a pretraining source and a fine-tuning target (:mod:`
 model specs with pretraining hyperparameters (a zoo member with ``epochs=0`` is a from-scratch
 initialisation) and a full-factorial :class:`Grid` over ``model`` (zoo index), ``batch_size``, ``lr``,
 ``momentum``, ``weight_decay`` and ``freeze_backbone``. :func:`build` runs it in worker processes with one
-torch thread each (bit-identical across runs) and writes
+torch thread each and PORTABLE_NUMERICS (bit-identical across runs, and meant to be across x86-64 CPUs) and writes
 
 * ``<cache>/zoo/zKK.safetensors`` and ``<cache>/configs/cNNNN/eEE.safetensors``: fp32 state dicts
   (``e00`` is the starting point, the zoo weights with a freshly initialised head; ``eEE`` is after epoch
@@ -39,7 +39,13 @@ from bench.hubs.data import Split
 
 FORMAT = "optuna-fms-hub/1"
 FACTORS = ("model", "batch_size", "lr", "momentum", "weight_decay", "freeze_backbone")
-BUILDER_VERSION = 1  # bump when the training / saving code changes results: it is part of the fingerprint
+BUILDER_VERSION = 2  # bump when the training / saving code changes results: it is part of the fingerprint
+# NOTE: the same seeds give different weights on different CPUs: torch dispatches its kernels, oneDNN
+# its convolutions and MKL its BLAS by the instruction set (a rebuild on an AVX-512 AMD EPYC differed
+# from the committed table in 73 % of its accuracies). Workers therefore run the portable code paths
+# that every x86-64 CPU takes alike (about 10 % slower): generic ATen kernels, oneDNN capped at
+# SSE4.1, MKL's conditional-numerical-reproducibility "compatible" mode.
+PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
 HASH_CHARS = 12  # sha256 hex prefix kept per checkpoint (48 bits: ample to detect a changed file)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
@@ -208,6 +214,9 @@ _WORKER: _Worker | None = None
 def _init_worker(recipe: HubRecipe, cache: str) -> None:
     import torch
 
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "DEFAULT":  # NOTE: the environment must be set before torch starts
+        raise RuntimeError(f"hub worker runs torch's {capability} kernels; start it with {PORTABLE_NUMERICS}")
     torch.set_num_threads(1)
     try:
         torch.set_num_interop_threads(1)
@@ -378,13 +387,19 @@ Mapper = Callable[[Callable[[int], dict[str, Any]], Sequence[int]], Iterable[dic
 
 @contextlib.contextmanager
 def _workers(recipe: HubRecipe, cache: Path, workers: int) -> Iterator[Mapper]:
-    """A map over ids in ``workers`` spawned 1-thread processes (``workers <= 0``: in this process)."""
-    if workers <= 0:
-        _init_worker(recipe, str(cache))
-        yield lambda fn, ids: map(fn, ids)
-    else:
-        with mp.get_context("spawn").Pool(workers, _init_worker, (recipe, str(cache))) as pool:
-            yield lambda fn, ids: pool.imap_unordered(fn, ids, chunksize=1)
+    """A map over ids in ``max(workers, 1)`` spawned 1-thread processes with PORTABLE_NUMERICS."""
+    before = {k: os.environ.get(k) for k in PORTABLE_NUMERICS}
+    os.environ.update(PORTABLE_NUMERICS)  # NOTE: spawned children copy the environment at start
+    try:
+        pool = mp.get_context("spawn").Pool(max(workers, 1), _init_worker, (recipe, str(cache)))
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
+        yield lambda fn, ids: pool.imap_unordered(fn, ids, chunksize=1)
 
 
 def _run(mapper: Mapper, fn: Callable[[int], dict[str, Any]], ids: Sequence[int],
@@ -398,6 +413,19 @@ def _run(mapper: Mapper, fn: Callable[[int], dict[str, Any]], ids: Sequence[int]
         if log and (len(results) % step == 0 or len(results) == len(ids)):
             log(f"{what} {len(results)}/{len(ids)}  {time.perf_counter() - t0:.1f}s")
     return sorted(results, key=lambda d: d["id"])
+
+
+def _cpu_model() -> str:
+    """The builder's CPU, for the record (results must not depend on it)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _prepare_cache(recipe: HubRecipe, cache: Path, fresh: bool) -> None:
@@ -450,7 +478,8 @@ def build(recipe: HubRecipe, cache: Path | str, table_path: Path | str, workers:
         "zoo": [dict(spec, id=k, **{f: by_id[k][f] for f in ("params", "source_val_acc", "sha256", "pretrain_s")})
                 if k in by_id else dict(spec, id=k) for k, spec in enumerate(recipe.zoo)],
         "configs": rows,
-        "build": {"workers": workers, "torch": torch.__version__, "shards_reused": reused,
+        "build": {"workers": workers, "torch": torch.__version__, "numerics": PORTABLE_NUMERICS,
+                  "cpu": _cpu_model(), "shards_reused": reused,
                   "zoo_cpu_s": round(sum(z["pretrain_s"] for z in zoo), 1),
                   "finetune_cpu_s": round(sum(sum(r["epoch_s"]) for r in rows), 1),
                   # wall times of this invocation: a full build only when no shard was reused
