@@ -220,7 +220,8 @@ def record_pretrained(study: Study, param: str, value: Any, record: CheckpointRe
 def pretrained_records(study: Study) -> dict[tuple[str, Any], CheckpointRecord]:
     """(param, value) -> the registered starting checkpoint, for every registration of the study."""
     out = {}
-    for key, raw in study._storage.get_study_system_attrs(study._study_id).items():
+    # NOTE: in key order, whatever order the storage returns: the surrogate's graph table follows it
+    for key, raw in sorted(study._storage.get_study_system_attrs(study._study_id).items()):
         if key.startswith(PRETRAINED_PREFIX) and isinstance(raw, str):
             param, _, value = key[len(PRETRAINED_PREFIX) :].partition(":")
             try:

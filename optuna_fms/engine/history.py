@@ -99,7 +99,10 @@ class History:
         self.max_steps = max_steps
         self.curve_length = curve_length
         self.graphs: Mapping[str, ParameterGraph] = graphs if graphs is not None else {}  # may load lazily
-        self.graph_keys = sorted(self.graphs)
+        # NOTE: in the order the caller lists them (lineage, then step), never by content hash: a
+        # checkpoint's bytes also hold state that differs between identical runs (Python's RNG),
+        # and the metanetwork's training subsets are drawn by index.
+        self.graph_keys = list(self.graphs)
         self._graph_index = {k: i for i, k in enumerate(self.graph_keys)}
         self._initial_weights = initial_weights
         observed = [lin.steps[-1] + 1 for lin in self.lineages if lin.steps]

@@ -90,7 +90,8 @@ class WeightEncoder(nn.Module):
             with torch.no_grad():
                 for k, e in zip(stale, self._run(stale)):
                     self._cache[k] = e.detach()
-        fresh = dict(zip(sorted(learn), self._run(sorted(learn)))) if learn else {}
+        ordered = [k for k in keys if k in learn]  # NOTE: table order, not hash order (see History)
+        fresh = dict(zip(ordered, self._run(ordered))) if learn else {}
         if learn:
             for k, e in fresh.items():
                 self._cache[k] = e.detach()
