@@ -5,7 +5,7 @@
 
 Writes ``bench/results/<hub>/runs/<method>-s<seed>.json`` (one replay each, see :mod:`bench.runner`),
 then ``python -m bench.report <hub>`` rewrites ``summary.json``, ``regret.png`` and ``RESULTS.md``.
-Existing runs with the same budget are kept unless ``--force``.
+Existing runs with the same budget on the same hub build (fingerprint) are kept unless ``--force``.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             path = runs / f"{method}-s{seed}.json"
             if path.is_file() and not args.force:
                 try:
-                    if json.loads(path.read_text())["budget"] == budget:
+                    old = json.loads(path.read_text())
+                    if old["budget"] == budget and old.get("hub_fingerprint") == hub.data.get("fingerprint"):
                         continue
                 except (ValueError, KeyError):
                     pass

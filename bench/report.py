@@ -33,6 +33,10 @@ def load_runs(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
         runs[rec["method"]].append(rec)
     for recs in runs.values():
         recs.sort(key=lambda r: r["seed"])
+    prints = {r.get("hub_fingerprint") for recs in runs.values() for r in recs}
+    if len(prints) > 1:  # NOTE: runs on different builds of a hub are not comparable
+        raise ValueError(f"{out_dir / 'runs'} mixes runs of hub builds {sorted(map(str, prints))}; "
+                         "rerun the stale ones (python -m bench.compare --force) or remove them")
     return dict(runs)
 
 

@@ -149,6 +149,20 @@ def test_full_recipes_are_the_documented_factorials() -> None:
         assert r.fingerprint() == mod.recipe().fingerprint()  # recipes are deterministic
 
 
+def test_arch_recipe_pairs_each_architecture_pretrained_and_from_scratch() -> None:
+    from bench.hubs import arch
+    from bench.hubs.models import build_model
+    from optuna_fms.graphs import build_graph, describe_architecture
+
+    r = arch.recipe()
+    assert r.grid.size == 640 and len(r.zoo) == 10 and r.n_epochs == 16
+    assert [z["pretrain"]["epochs"] > 0 for z in r.zoo] == [True, False] * 5
+    assert len({json.dumps(z["arch"], sort_keys=True) for z in r.zoo}) == 5
+    for spec in r.zoo[::2]:  # every architecture is one the parameter-graph builder reads
+        model = build_model(spec["arch"])
+        assert build_graph(model.state_dict(), describe_architecture(model)).num_edges > 0
+
+
 def test_missing_packages_name_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 

@@ -104,3 +104,23 @@ def test_fms_with_weights_saves_graphs_and_pretrained(hub: HubTable) -> None:
 def test_load_hub_finds_a_micro_cache(hub: HubTable) -> None:
     again = load_hub(hub.cache_dir / "table.json")
     assert again.cache_dir == hub.cache_dir and again.checkpoint_path(0, 1).is_file()
+
+
+def test_fms_reads_the_weights_of_mixed_architectures(tmp_path, caplog) -> None:
+    """The arch micro-hub (CNN, ResNet, ViT, MLP): every checkpoint and pretrained start becomes a graph."""
+    from bench.hubs.arch import recipe
+    from bench.hubs.recipe import build
+
+    hub = build(recipe(micro=True), tmp_path, tmp_path / "table.json", workers=2)
+    families = {hub.zoo[hub.config(cid)["model"]]["arch"]["family"] for cid in range(len(hub))}
+    assert families == {"gap_cnn", "resnet", "vit", "mlp"}
+    with caplog.at_level("WARNING", logger="optuna_fms"):
+        rec, replay = _run(hub, "fms-gmn", 24)
+    _check_accounting(hub, rec, 24)
+    assert not [r for r in caplog.records if "not featurized" in r.getMessage()]
+    lineages = optuna_fms.lineages(replay.study)
+    seen = {hub.zoo[lin.params["model"]]["arch"]["family"] for lin in lineages}
+    assert len(seen) >= 3, seen
+    assert all(c.has_graph for lin in lineages for c in lin.checkpoints)
+    encoder = replay.study.sampler.policy._surrogate._model.extractor.weights
+    assert len(encoder._cache) >= len(lineages)  # checkpoints of every architecture were embedded

@@ -3,7 +3,7 @@
 * :func:`gap_cnn` - ``nn.Sequential`` of Conv/[BN]/act/[pool] blocks -> ``AdaptiveAvgPool2d(1)`` -> Flatten
   -> Linear, so every parameter is a neuron-to-neuron weight (no spatial flatten; GMN/NFN-friendly).
 * :class:`MiniResNet` (BasicBlocks), :class:`TinyViT` (``nn.TransformerEncoderLayer``, batch_first, mean
-  pooling) and :func:`mlp`, for the planned ``arch`` hub.
+  pooling) and :func:`mlp`, for the ``arch`` hub.
 
 :func:`build_model` makes any of them from a JSON-able spec ``{"family": ..., **kwargs}``; by convention
 the classification head is the last child module (``head_name``).
@@ -93,17 +93,22 @@ class MiniResNet(nn.Module):
 
 
 class TinyViT(nn.Module):
-    """Patch-embedding conv + learned positions -> ``depth`` pre-norm ``nn.TransformerEncoderLayer`` s
-    (batch_first) -> mean over tokens -> LayerNorm -> Linear ``head``."""
+    """Patch-embedding conv + learned position embedding -> ``depth`` pre-norm
+    ``nn.TransformerEncoderLayer`` s (batch_first) -> mean over tokens -> LayerNorm -> Linear ``head``.
+
+    NOTE: positions are an ``nn.Embedding`` looked up by ``arange`` (not a raw ``nn.Parameter``), so the
+    parameter graph builder sees a layer it supports: one token node per position.
+    """
 
     def __init__(self, image_size: int = 28, patch: int = 7, dim: int = 32, depth: int = 2, heads: int = 4,
                  mlp_ratio: int = 2, in_channels: int = 1, n_classes: int = 10) -> None:
         super().__init__()
         if image_size % patch:
             raise ValueError("image_size must be a multiple of patch")
+        self.n_tokens = (image_size // patch) ** 2
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
-        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
-        nn.init.normal_(self.pos, std=0.02)
+        self.pos = nn.Embedding(self.n_tokens, dim)
+        nn.init.normal_(self.pos.weight, std=0.02)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True) for _ in range(depth))
@@ -111,7 +116,8 @@ class TinyViT(nn.Module):
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        positions = self.pos(torch.arange(self.n_tokens, device=x.device))
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + positions
         for layer in self.layers:
             tokens = layer(tokens)
         return self.head(self.norm(tokens.mean(dim=1)))
