@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = out_dir / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for method in args.methods:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for method in args.methods:
             path = runs / f"{method}-s{seed}.json"
             if path.is_file() and not args.force:
                 try:
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 except (ValueError, KeyError):
                     pass
             jobs.append((method, seed, budget, str(path)))
-    # NOTE: the slow (FMS) runs first, so the two workers finish together.
-    jobs.sort(key=lambda j: (not methods_mod.get(j[0]).fms, methods_mod.get(j[0]).weights is None))
+    # NOTE: seed by seed, so an interrupted comparison still holds whole seeds (the report ranks only
+    # seeds every method ran); within a seed the slow (FMS) runs first, so the workers finish together.
+    jobs.sort(key=lambda j: (j[1], not methods_mod.get(j[0]).fms, methods_mod.get(j[0]).weights is None))
     print(f"{hub.name}: {len(jobs)} runs of {budget} epochs on {args.workers} workers", flush=True)
     t0 = time.perf_counter()
     failed = 0
