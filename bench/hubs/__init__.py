@@ -4,7 +4,8 @@ A hub is a recipe: a zoo of pretrained models plus a full-factorial fine-tuning 
 learning curves (committed JSON tables under ``bench/hubs/tables``) and checkpoints (local cache under
 ``bench/cache/<hub>``, rebuildable and verifiable by sha256) form a tabular freeze-thaw HPO benchmark.
 
-Entry points: ``python -m bench.hubs.digits build|verify|info`` (same for ``bench.hubs.animal``),
+Entry points: ``python -m bench.hubs.digits build|verify|info`` (same for ``bench.hubs.animal`` and
+``bench.hubs.arch``, the mixed-architecture hub),
 :func:`bench.hubs.recipe.build_micro_hub` and :class:`bench.hubs.recipe.HubTable`.
 """
 
