@@ -60,7 +60,7 @@ def _gp_median(seed: int, hub: Any):
             optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
 
 
-def _fms(*, weights: str | None, target: str = "final", use_learning_curve: bool = True) -> Factory:
+def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True) -> Factory:
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve)
@@ -78,15 +78,17 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("gp-median", _gp_median, note="GPSampler + MedianPruner(5 start-up trials, 1 warm-up step)"),
     Method("dyhpo", _fms(weights=None, target="next"), fms=True,
            note="FMS engine as DyHPO: no weights, EI one step ahead"),
-    Method("fms", _fms(weights=None), fms=True, note="FMS, no weights, default target (forecast EI)"),
-    Method("fms-gmn", _fms(weights="gmn"), fms=True, weights="gmn",
-           note="FMS, graph-metanetwork weight embedding + learning curve"),
+    Method("fms", _fms(weights=None, target="final"), fms=True,
+           note="FMS engine, no weights, forecast target (EI of the forecast at the deepest step)"),
+    Method("fms-gmn", _fms(weights="gmn", target="final"), fms=True, weights="gmn",
+           note="graph-metanetwork weights + learning curve, forecast target (target='final')"),
     Method("fms-gmn-next", _fms(weights="gmn", target="next"), fms=True, weights="gmn",
-           note="FMS as in the paper: graph metanetwork + learning curve, EI one step ahead (DyHPO's rule)"),
-    Method("fms-gmn-nolc", _fms(weights="gmn", use_learning_curve=False), fms=True, weights="gmn",
-           note="FMS, graph metanetwork, no learning-curve branch"),
-    Method("fms-flat", _fms(weights="flat"), fms=True, weights="flat",
-           note="FMS, flat weight sketch + learning curve"),
+           note="FMS as in the paper and optuna-fms's default: graph metanetwork + learning curve, "
+                "EI one step ahead"),
+    Method("fms-gmn-nolc", _fms(weights="gmn", target="next", use_learning_curve=False), fms=True,
+           weights="gmn", note="as fms-gmn-next without the learning-curve branch"),
+    Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
+           note="flat weight sketch + learning curve, forecast target (target='final')"),
 ]}
 
 

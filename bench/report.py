@@ -26,6 +26,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.10, 0.25, 0.50, 1.00)
 
 
+def _note(method: str, rec: dict[str, Any]) -> str:
+    """The method's description as bench/methods.py has it now (the run's copy if it is gone)."""
+    from bench import methods as methods_mod
+
+    known = methods_mod.METHODS.get(method)
+    return known.note if known is not None else rec.get("method_note", "")
+
+
 def load_runs(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for path in sorted((out_dir / "runs").glob("*.json")):
@@ -113,7 +121,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             return round(float(np.mean(v)), 4) if v else None
 
         out["methods"][m] = {
-            "note": recs[0].get("method_note", ""),
+            "note": _note(m, recs[0]),
             "seeds": [r["seed"] for r in recs],
             "regret_at": {f"{int(f * 100)}%": {"epoch": e, "mean": float(mean[e - 1]), "se": _f(se[e - 1])}
                           for f, e in zip(FRACTIONS, checkpoints)},

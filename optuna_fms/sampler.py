@@ -40,8 +40,8 @@ class FMSSampler(BaseSampler):
         device: Device of the surrogate; default CUDA when available, else CPU.
         pool_size: Random new configurations scored per decision.
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
-        target: ``"final"`` (default): EI of the forecast at the deepest step seen so far, per
-            step still needed; ``"next"``: DyHPO's EI one step ahead.
+        target: ``"next"`` (default): DyHPO's and FMS's expected improvement one step ahead;
+            ``"final"``: EI of the forecast at the deepest step seen so far, per step still needed.
         weights: How the surrogate reads checkpointed weights: ``"gmn"`` (graph metanetwork,
             default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
             Weights are read from checkpoints saved with ``architecture=`` and from
@@ -59,7 +59,7 @@ class FMSSampler(BaseSampler):
         device: str | None = None,
         pool_size: int = 256,
         use_learning_curve: bool = True,
-        target: str = "final",
+        target: str = "next",
         weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
     ) -> None:

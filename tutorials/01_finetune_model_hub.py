@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=HERE / "out",
                         help="output folder for fms.db and fms-artifacts/")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", choices=["next", "final"], default="next",
+                        help="acquisition target (see FMSSampler): EI one step ahead, or of the forecast final value")
     parser.add_argument("--weights", choices=["gmn", "flat", "none"], default="gmn",
                         help="how the surrogate reads checkpointed weights (none: DyHPO-style)")
     args = parser.parse_args(argv)
@@ -282,7 +284,9 @@ def main(argv: list[str] | None = None) -> dict:
         storage=f"sqlite:///{db}",
         study_name="finetune-model-hub",
         load_if_exists=False,
-        sampler=optuna_fms.FMSSampler(seed=args.seed, weights=None if args.weights == "none" else args.weights),
+        sampler=optuna_fms.FMSSampler(
+            seed=args.seed, weights=None if args.weights == "none" else args.weights, target=args.target
+        ),
         # max_steps tells the pruner the full run length from the start (otherwise it learns
         # it from the first finished run), so a run is never frozen at its last epoch.
         pruner=optuna_fms.FMSPruner(max_steps=args.epochs),
