@@ -89,6 +89,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            weights="gmn", note="as fms-gmn-next without the learning-curve branch"),
     Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
            note="flat weight sketch + learning curve, forecast target (target='final')"),
+    Method("fms-flat-next", _fms(weights="flat", target="next"), fms=True, weights="flat",
+           note="flat weight sketch (FMS-Flat) + learning curve, EI one step ahead"),
 ]}
 
 
