@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU figures of the featurizer and of the decision overhead, as ONE prepared run for a lent
-# device machine (its time is scarce): ~6 minutes on an H100/H200. Writes into ${OUT:-/tmp/gpu-check}.
+# device machine (its time is scarce): ~6 minutes on an H100/H200. Writes into ${OUT:-bench/results/gpu}
+# (relative to the repository root).
 #   bash bench/gpu/check.sh            (from the repository root, with the venv of the README)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out="${OUT:-/tmp/gpu-check}"
+out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
 py=".venv/bin/python"
 [ -x "$py" ] || py=python3

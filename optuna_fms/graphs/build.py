@@ -85,7 +85,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.fx
@@ -126,6 +126,9 @@ NF_TYPE, NF_LAYER, NF_POSITION, NF_BIAS, NF_NORM, NF_GAMMA, NF_BETA, NF_MEAN, NF
 NODE_FEATURE_DIM = 9
 EF_VALUE, EF_TYPE, EF_LAYER, EF_KX, EF_KY = range(5)
 EDGE_FEATURE_DIM = 5
+
+
+_V = TypeVar("_V")
 
 
 class UnsupportedLayerError(ValueError):
@@ -746,17 +749,18 @@ def graph_from_module(module: nn.Module, *, max_edges: int | None = None,
                        coarsen=coarsen, dtype=dtype)
 
 
-class GraphCache:
-    """Thread-safe LRU of parameter graphs keyed by a content hash (e.g. a checkpoint's sha256)."""
+class GraphCache(Generic[_V]):
+    """Thread-safe LRU keyed by a string: parameter graphs by content hash (e.g. a checkpoint's
+    sha256), or anything else built once per key (templates by architecture)."""
 
     def __init__(self, maxsize: int = 512) -> None:
         if maxsize < 1:
             raise ValueError("maxsize must be >= 1")
         self.maxsize = maxsize
-        self._items: OrderedDict[str, ParameterGraph] = OrderedDict()
+        self._items: OrderedDict[str, _V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get_or_build(self, key: str, build: Callable[[], ParameterGraph]) -> ParameterGraph:
+    def get_or_build(self, key: str, build: Callable[[], _V]) -> _V:
         """The cached graph for ``key``, calling ``build()`` only on a miss."""
         with self._lock:
             if key in self._items:

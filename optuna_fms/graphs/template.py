@@ -16,17 +16,15 @@ featurizing thousands of same-architecture checkpoints per second possible.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 import json
 import math
-import threading
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from optuna_fms.graphs.build import ParameterGraph, _checked_tensors, build_graph
+from optuna_fms.graphs.build import GraphCache, ParameterGraph, _checked_tensors, build_graph
 
 __all__ = ["GraphTemplate", "TemplatedBuilder"]
 
@@ -39,7 +37,6 @@ class GraphTemplate:
                  edge_sources: Tensor) -> None:
         self.shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
         self.skeleton = skeleton  # constant cells as build_graph computes them; copied cells 0
-        self.num_scalars = sum(math.prod(s) for s in self.shapes.values())
         self._node_cells, self._node_sources = node_cells, node_sources  # flat cell -> scalar
         self._edge_cells, self._edge_sources = edge_cells, edge_sources
 
@@ -60,6 +57,7 @@ class GraphTemplate:
             return None
         plus = build_graph(ids, architecture, dtype=torch.float64)
         minus = build_graph({k: -v for k, v in ids.items()}, architecture, dtype=torch.float64)
+        # NOTE: built from zeros, so every copied cell already holds 0
         skeleton = build_graph({k: torch.zeros(s) for k, s in shapes.items()}, architecture,
                                dtype=dtype)
         if not torch.equal(plus.edge_index, minus.edge_index):
@@ -75,11 +73,6 @@ class GraphTemplate:
                 return None  # NOTE: some cell is a function of the weights, not a copy
             cells.append((copied, src.long() - 1))
         (node_cells, node_src), (edge_cells, edge_src) = cells
-        zero_copied = skeleton.node_features.clone()
-        zero_copied.view(-1)[node_cells] = 0
-        edge_zeroed = skeleton.edge_features.clone()
-        edge_zeroed.view(-1)[edge_cells] = 0
-        skeleton = ParameterGraph(zero_copied, skeleton.edge_index, edge_zeroed)
         return cls(shapes, skeleton, node_cells, node_src, edge_cells, edge_src)
 
     @property
@@ -90,12 +83,11 @@ class GraphTemplate:
     def num_edges(self) -> int:
         return self.skeleton.num_edges
 
-    def flatten(self, state_dict: Mapping[str, Tensor], dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> Tensor:
+    def flatten(self, state_dict: Mapping[str, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:
         """The architecture's scalars in template order, checked (shapes, NaN/inf) with the same
         errors as ``build_graph``."""
         try:
-            flat = torch.cat([state_dict[k].detach().reshape(-1) for k in self.shapes]).to(device, dtype)
+            flat = torch.cat([state_dict[k].detach().reshape(-1) for k in self.shapes]).to(dtype=dtype)
             ok = all(tuple(state_dict[k].shape) == s for k, s in self.shapes.items())
         except (KeyError, RuntimeError):
             ok = False
@@ -140,22 +132,14 @@ class TemplatedBuilder:
     """
 
     def __init__(self, *, coarsen: int | None = None, dtype: torch.dtype = torch.float32, maxsize: int = 16) -> None:
-        self.coarsen, self.dtype, self.maxsize = coarsen, dtype, maxsize
-        self._templates: OrderedDict[str, GraphTemplate | None] = OrderedDict()
-        self._lock = threading.Lock()
+        self.coarsen, self.dtype = coarsen, dtype
+        self._templates: GraphCache[GraphTemplate | None] = GraphCache(maxsize=maxsize)
 
     def template(self, architecture: Mapping[str, Any]) -> GraphTemplate | None:
-        key = json.dumps(architecture, sort_keys=True)
-        with self._lock:
-            if key in self._templates:
-                self._templates.move_to_end(key)
-                return self._templates[key]
-        template = GraphTemplate.of(architecture, coarsen=self.coarsen, dtype=self.dtype)
-        with self._lock:
-            self._templates[key] = template
-            while len(self._templates) > self.maxsize:
-                self._templates.popitem(last=False)
-        return template
+        return self._templates.get_or_build(
+            json.dumps(architecture, sort_keys=True),
+            lambda: GraphTemplate.of(architecture, coarsen=self.coarsen, dtype=self.dtype),
+        )
 
     def __call__(self, state_dict: Mapping[str, Tensor], architecture: Mapping[str, Any]) -> ParameterGraph:
         template = self.template(architecture)
