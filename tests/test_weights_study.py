@@ -15,9 +15,9 @@ EPOCHS = 5
 ARCH = optuna_fms.describe_architecture(make_model())
 
 
-def _study(weights: str, tmp_path, weight_graphs: int = 16) -> optuna.Study:
+def _study(weights: str, tmp_path, weight_graphs: int = 16, device: str | None = None) -> optuna.Study:
     sampler = optuna_fms.FMSSampler(
-        seed=0, n_startup_trials=4, pool_size=64, weights=weights,
+        seed=0, n_startup_trials=4, pool_size=64, weights=weights, device=device,
         fit_settings=FitSettings(full_steps=80, refine_steps=10, weight_steps=20, weight_graphs=weight_graphs),
     )
     study = optuna.create_study(
