@@ -467,16 +467,18 @@ def _plot(results: dict, path: Path) -> None:
     paths = list(cnn["paths"])
     sizes = list(cnn["paths"][paths[0]])
     width = 0.8 / len(paths)
-    for j, (path, color) in enumerate(zip(paths, ("tab:blue", "tab:purple"))):
-        rates = [cnn["paths"][path][s]["checkpoints_per_s"] for s in sizes]
+    for j, (build_path, color) in enumerate(zip(paths, ("tab:blue", "tab:purple"))):
+        rates = [cnn["paths"][build_path][s]["checkpoints_per_s"] for s in sizes]
         xs = [i + (j - (len(paths) - 1) / 2) * width for i in range(len(sizes))]
-        a.bar(xs, rates, width=width, color=color, label=path.replace("_", "-"))
+        a.bar(xs, rates, width=width, color=color, label=build_path.replace("_", "-"))
         for x, r in zip(xs, rates):
             a.text(x, r, f"{r:.0f}", ha="center", va="bottom", fontsize=7)
     a.legend(fontsize=8, loc="upper left")
     if cnn["device"].startswith("cuda"):
         a.axhline(BAR_CNN_GPU, color="r", ls="--", lw=1, label="bar (GPU): 1,000/s")
         a.legend(fontsize=8, loc="upper left")
+    top = max(row["checkpoints_per_s"] for rows in cnn["paths"].values() for row in rows.values())
+    a.set_ylim(0, max(top, BAR_CNN_GPU if cnn["device"].startswith("cuda") else 0) * 1.35)  # legend room
     a.set_xticks(range(len(sizes)), [f"batch {s}" for s in sizes])
     a.set_ylabel("checkpoints / s")
     threads = results["machine"]["torch_threads"]
