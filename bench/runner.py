@@ -22,10 +22,7 @@ from collections import defaultdict
 import functools
 import json
 import math
-import os
 from pathlib import Path
-import platform
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -35,6 +32,7 @@ import optuna
 
 import optuna_fms
 from bench import methods as methods_mod
+from bench.ledger import Ledger, code_version, machine
 from bench.hubs.recipe import TABLE_DIR, HubTable, kendall_tau
 
 START_STEP = "fms:start_step"  # optuna_fms.lineage.USER_START_STEP
@@ -102,22 +100,9 @@ class Replay:
     """One study replaying ``hub`` for ``method`` and ``seed`` until ``budget`` epochs are spent."""
 
     def __init__(self, hub: HubTable, method: str, seed: int, budget: int) -> None:
-        if budget < 1:
-            raise ValueError("budget must be >= 1 epoch")
         self.hub, self.method, self.seed, self.budget = hub, methods_mod.get(method), seed, budget
+        self.ledger = Ledger(hub, budget)
         self.n = hub.n_epochs
-        self.curves = [hub.curve(c) for c in range(len(hub))]
-        self.oracle = hub.best_accuracy()
-        # ledger
-        self.spent = 0
-        self.train_s = 0.0
-        self.charged: dict[tuple[int, int], int] = {}  # (lineage, step) -> trial number
-        self.by_trial: dict[int, list[int]] = defaultdict(list)  # trial -> steps charged
-        self.best_val = -math.inf
-        self.incumbent: tuple[int, int] | None = None  # (config id, epoch)
-        self.inc_test: float | None = None
-        self.trace: dict[str, list[Any]] = {k: [] for k in ("epochs", "train_s", "decision_s", "best_val",
-                                                             "inc_test", "trial", "config", "step")}
         self.trials: list[dict[str, Any]] = []
         self._arch: dict[int, dict[str, Any]] = {}
 
@@ -165,15 +150,13 @@ class Replay:
         start = int(trial.user_attrs.get(START_STEP, 0))
         lineage = int(trial.user_attrs.get(LINEAGE, trial.number))
         trial.set_user_attr("bench:config", cid)
-        curve = self.curves[cid]
         value = math.nan
         for step in range(start, self.n):
-            if self.spent >= self.budget:
+            if self.ledger.exhausted:
                 trial.set_user_attr("bench:stopped", "budget spent")
                 trial.study.stop()
                 raise optuna.TrialPruned("epoch budget spent")
-            self._charge(trial.number, lineage, cid, step)
-            value = float(curve["val_acc"][step])
+            value = self.ledger.charge(trial.number, lineage, cid, step, self.decision_s())
             if self.method.fms:
                 # NOTE: save before report: the pruner may freeze the run at this very step.
                 arch = self.architecture(params["model"]) if self.method.weights is not None else None
@@ -184,30 +167,9 @@ class Replay:
                 raise optuna.TrialPruned()
         return value
 
-    def _charge(self, number: int, lineage: int, cid: int, step: int) -> None:
-        key = (lineage, step)
-        if key in self.charged:
-            raise AssertionError(f"lineage {lineage} step {step} charged twice (trials {self.charged[key]}, {number})")
-        self.charged[key] = number
-        self.by_trial[number].append(step)
-        curve = self.curves[cid]
-        self.spent += 1
-        self.train_s += float(curve["epoch_s"][step])
-        val = curve["val_acc"][step]
-        if val is not None and val > self.best_val:
-            self.best_val, self.incumbent, self.inc_test = float(val), (cid, step + 1), curve["test_acc"][step]
-        t = self.trace
-        t["epochs"].append(self.spent)
-        t["train_s"].append(round(self.train_s, 4))
-        t["decision_s"].append(round(self.decision_s(), 4))
-        t["best_val"].append(self.best_val)
-        t["inc_test"].append(self.inc_test)
-        t["trial"].append(number)
-        t["config"].append(cid)
-        t["step"].append(step)
-
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        steps = self.by_trial.get(trial.number, [])
+        led = self.ledger
+        steps = led.by_trial.get(trial.number, [])
         self.trials.append({
             "number": trial.number,
             "state": trial.state.name,
@@ -218,16 +180,16 @@ class Replay:
             "steps": steps,
             "reported": sorted(int(s) for s in trial.intermediate_values),
             "epochs_charged": len(steps),
-            "cum_epochs": self.spent,
-            "cum_train_s": round(self.train_s, 4),
-            "best_val": self.best_val if self.best_val > -math.inf else None,
-            "inc_test": self.inc_test,
+            "cum_epochs": led.spent,
+            "cum_train_s": round(led.train_s, 4),
+            "best_val": led.best_val if led.best_val > -math.inf else None,
+            "inc_test": led.inc_test,
             "sampler_s": round(self.sampler_timer.per_trial.get(trial.number, 0.0), 6),
             "pruner_s": round(self.pruner_timer.per_trial.get(trial.number, 0.0), 6),
             "pruner_calls": self.pruner_timer.calls.get(trial.number, 0),
             "decision": trial.user_attrs.get("fms:decision"),
         })
-        if self.spent >= self.budget:
+        if led.exhausted:
             study.stop()
 
     def run(self) -> dict[str, Any]:
@@ -242,64 +204,35 @@ class Replay:
         tau = surrogate_tau(study, self.hub, self.seed) if self.method.fms else None
         tau_s = time.perf_counter() - t1
         self.study = study
-        best = self.hub.best()
         sampler_calls = [v for v in self.sampler_timer.per_trial.values()]
         pruner_calls = [t["pruner_s"] / t["pruner_calls"] for t in self.trials if t["pruner_calls"]]
         lins = {lin.id: lin for lin in optuna_fms.lineages(study)}
-        return {
-            "hub": self.hub.name,
-            "hub_fingerprint": self.hub.data.get("fingerprint"),
-            "method": self.method.name,
-            "method_note": self.method.note,
-            "seed": self.seed,
-            "budget": self.budget,
-            "n_epochs": self.n,
-            "oracle": {"val_acc": self.oracle, "config": best["id"], "epoch": best["epoch"],
-                       "test_acc": best["test_acc"]},
-            "final": {
-                "epochs": self.spent,
-                "train_s": round(self.train_s, 3),
-                "best_val": self.best_val,
-                "regret": self.oracle - self.best_val,
-                "incumbent": {"config": self.incumbent[0], "epoch": self.incumbent[1]} if self.incumbent else None,
-                "inc_test": self.inc_test,
-                "n_trials": len(self.trials),
-                "n_lineages": len({t["lineage"] for t in self.trials if t["epochs_charged"]}),
-                "n_thaws": sum(t["thaw"] for t in self.trials),
-                "n_full_runs": sum(len(v.curve) >= self.n for v in lins.values()),
-            },
+        rec = self.ledger.record(self.method.name, self.method.note, self.seed)
+        rec["final"] |= {
+            "n_trials": len(self.trials),
+            "n_lineages": len({t["lineage"] for t in self.trials if t["epochs_charged"]}),
+            "n_thaws": sum(t["thaw"] for t in self.trials),
+            "n_full_runs": sum(len(v.curve) >= self.n for v in lins.values()),
+        }
+        return rec | {
             "overhead": {
                 "sampler_total_s": round(self.sampler_timer.total, 4),
                 "pruner_total_s": round(self.pruner_timer.total, 4),
                 "sampler_p50_s": _q(sampler_calls, 0.5), "sampler_p95_s": _q(sampler_calls, 0.95),
                 "pruner_p50_s": _q(pruner_calls, 0.5), "pruner_p95_s": _q(pruner_calls, 0.95),
-                "per_epoch_s": round(self.decision_s() / max(self.spent, 1), 5),
+                "per_epoch_s": round(self.decision_s() / max(self.ledger.spent, 1), 5),
             },
             "tau": tau,
             "tau_probe_s": round(tau_s, 3),
             "wall_s": round(wall, 3),
-            "trace": self.trace,
             "trials": self.trials,
-            "machine": {"python": platform.python_version(), "optuna": optuna.__version__,
-                        "torch_threads": _torch_threads(), "load_avg": list(os.getloadavg()), **_code_version()},
+            "machine": {**machine(), "optuna": optuna.__version__, "torch_threads": _torch_threads(),
+                        **code_version()},
         }
 
 
 def _q(values: list[float], q: float) -> float | None:
     return round(float(np.quantile(values, q)), 6) if values else None
-
-
-def _code_version() -> dict[str, Any]:
-    """The commit and uncommitted changes of the code that ran (a study reads optuna_fms at import)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "optuna_fms", "bench"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": head, "dirty": [line.strip() for line in dirty if line.strip().endswith(".py")]}
 
 
 def _torch_threads() -> int:

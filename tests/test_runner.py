@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -124,3 +125,91 @@ def test_fms_reads_the_weights_of_mixed_architectures(tmp_path, caplog) -> None:
     assert all(c.has_graph for lin in lineages for c in lin.checkpoints)
     encoder = replay.study.sampler.policy._surrogate._model.extractor.weights
     assert len(encoder._cache) >= len(lineages)  # checkpoints of every architecture were embedded
+
+
+
+# --------------------------------------------------------------------------------------------------
+# the Syne Tune driver (bench/synetune.py), with a scripted stand-in for the scheduler: Syne Tune
+# itself lives in its own virtual environment
+
+
+@dataclass
+class _Suggestion:  # the fields of syne_tune.optimizer.scheduler.TrialSuggestion the driver reads
+    spawn_new_trial_id: bool
+    checkpoint_trial_id: int | None = None
+    config: dict | None = None
+
+
+@dataclass
+class _Trial:
+    trial_id: int
+    config: dict
+
+
+class ScriptedScheduler:
+    """Starts grid rows 0, 1, 2, ... in turn, pauses every trial after ``every`` epochs and, on every
+    other suggestion, resumes the oldest paused trial that has not finished."""
+
+    def __init__(self, hub: HubTable, every: int = 2) -> None:
+        self.hub, self.every = hub, every
+        self.calls = 0
+        self.reports: dict[int, list[int]] = defaultdict(list)  # trial id -> epochs reported
+        self.completed: list[int] = []
+        self.paused: list[int] = []
+
+    def suggest(self, trial_id: int) -> _Suggestion:
+        self.calls += 1
+        if self.calls % 2 == 0 and self.paused:
+            return _Suggestion(False, self.paused.pop(0))
+        return _Suggestion(True, config={**self.hub.config(trial_id), "epochs": self.hub.n_epochs})
+
+    def on_trial_add(self, trial: _Trial) -> None:
+        assert trial.trial_id not in self.reports
+
+    def on_trial_result(self, trial: _Trial, result: dict) -> str:
+        self.reports[trial.trial_id].append(result["epoch"])
+        if result["epoch"] % self.every == 0 and result["epoch"] < self.hub.n_epochs:
+            self.paused.append(trial.trial_id)
+            return "PAUSE"
+        return "CONTINUE"
+
+    def on_trial_complete(self, trial: _Trial, result: dict) -> None:
+        assert result["epoch"] == self.hub.n_epochs
+        self.completed.append(trial.trial_id)
+
+
+def test_synetune_driver_resumes_paused_trials_where_they_stopped(hub: HubTable) -> None:
+    from bench.synetune import drive
+
+    budget = 3 * hub.n_epochs + 1
+    scheduler = ScriptedScheduler(hub)
+    d = drive(hub, scheduler, _Trial, budget)
+    rec = d.record("scripted", "", 0)
+    trace = rec["trace"]
+    assert rec["final"]["epochs"] == budget == len(trace["epochs"])
+    assert d.resumes > 0 and rec["final"]["n_thaws"] == d.resumes
+    # each trial saw epochs 1, 2, 3, ... in order across its segments, and every epoch charged was reported
+    for tid, epochs in scheduler.reports.items():
+        assert epochs == list(range(1, len(epochs) + 1)), (tid, epochs)
+        assert [s + 1 for c, s in zip(trace["config"], trace["step"]) if c == d.rows[tid]] == epochs
+    assert scheduler.completed == [t for t, e in scheduler.reports.items() if len(e) == hub.n_epochs] != []
+    assert rec["final"]["n_full_runs"] == len(scheduler.completed)
+    assert rec["final"]["regret"] == pytest.approx(hub.best_accuracy() - max(trace["best_val"]))
+
+
+def test_synetune_driver_refuses_what_the_grid_or_the_run_cannot_be(hub: HubTable) -> None:
+    from bench.synetune import drive
+
+    class OffGrid(ScriptedScheduler):
+        def suggest(self, trial_id: int) -> _Suggestion:
+            return _Suggestion(True, config={**self.hub.config(0), "lr": 0.123456})
+
+    with pytest.raises(ValueError, match="not one of the grid's levels"):
+        drive(hub, OffGrid(hub), _Trial, 4)
+
+    class ResumesFinished(ScriptedScheduler):
+        def suggest(self, trial_id: int) -> _Suggestion:
+            return _Suggestion(True, config=self.hub.config(0)) if trial_id == 0 else _Suggestion(False, 0)
+
+    with pytest.raises(RuntimeError, match="which has finished"):
+        drive(hub, ResumesFinished(hub, every=hub.n_epochs + 1), _Trial, 3 * hub.n_epochs)
