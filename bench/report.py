@@ -27,11 +27,14 @@ FRACTIONS = (0.10, 0.25, 0.50, 1.00)
 
 
 def _note(method: str, rec: dict[str, Any]) -> str:
-    """The method's description as bench/methods.py has it now (the run's copy if it is gone)."""
+    """The method's description as bench/methods.py (or bench/synetune.py) has it now (the run's copy if
+    it is gone)."""
     from bench import methods as methods_mod
+    from bench.synetune import METHODS as SYNETUNE
 
     known = methods_mod.METHODS.get(method)
-    return known.note if known is not None else rec.get("method_note", "")
+    outside = dict(SYNETUNE.values())
+    return known.note if known is not None else outside.get(method, rec.get("method_note", ""))
 
 
 def load_runs(out_dir: Path) -> dict[str, list[dict[str, Any]]]:

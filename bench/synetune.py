@@ -19,9 +19,11 @@ the measured scheduler time give the seconds axis). DyHPO as Syne Tune ships it 
 ``syne_tune.optimizer.legacy_baselines``, its GP surrogate and its default share of successive-halving
 promotions), with rung levels 1, 2, 3, ... (one epoch per decision, as in the DyHPO paper and as Syne
 Tune recommends) and the run length as ``max_resource_attr``. The search
-space is the hub's grid: model and frozen backbone as ``choice``, learning rate and weight decay as
-``logordinal``, batch size and momentum as ``ordinal``, so every suggestion is a real row.
-Writes ``bench/results/<hub>/runs/synetune-dyhpo-s<seed>.json``; then ``python -m bench.report <hub>``
+space is the hub's grid, so every suggestion is a real row: every factor a ``choice``, as the Optuna
+methods see it (``--encoding categorical``, method ``synetune-dyhpo``), or learning rate and weight
+decay as ``logordinal`` and batch size and momentum as ``ordinal`` (``--encoding ordinal``, method
+``synetune-dyhpo-ordinal``), which also tells it the order of the levels.
+Writes ``bench/results/<hub>/runs/synetune-dyhpo[-ordinal]-s<seed>.json``; then ``python -m bench.report <hub>``
 (in the project's environment) includes it.
 """
 
@@ -40,17 +42,24 @@ from typing import Any, Callable
 from bench.hubs.recipe import TABLE_DIR, HubTable
 from bench.ledger import Ledger, code_version, machine
 
-METHOD = "synetune-dyhpo"
-NOTE = ("Syne Tune 0.14.2 DyHPO (legacy_baselines.DyHPO, rung levels 1, 2, 3, ..., otherwise its "
-        "defaults), one worker, in its own venv")
+# NOTE: two encodings of the grid. "categorical" gives Syne Tune what every Optuna method sees (the
+# runner suggests each factor as a categorical); "ordinal" also tells it the order of the numeric levels.
+METHODS = {
+    "categorical": ("synetune-dyhpo", "Syne Tune 0.14.2 DyHPO (legacy_baselines.DyHPO, rung levels 1, 2, 3, ..., "
+                                      "otherwise its defaults), every factor a choice as for the Optuna methods"),
+    "ordinal": ("synetune-dyhpo-ordinal", "as synetune-dyhpo, but learning rate and weight decay as logordinal, "
+                                          "batch size and momentum as ordinal: it knows the levels' order"),
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 METRIC, RESOURCE, MAX_EPOCHS = "val_acc", "epoch", "epochs"
 
 
-def config_space(hub: HubTable) -> dict[str, Any]:
+def config_space(hub: HubTable, encoding: str) -> dict[str, Any]:
     from syne_tune.config_space import choice, logordinal, ordinal
 
     kinds = {"lr": logordinal, "weight_decay": logordinal, "batch_size": ordinal, "momentum": ordinal}
+    if encoding == "categorical":
+        kinds = {}
     return {name: kinds.get(name, choice)(list(levels)) for name, levels in hub.grid.factors}
 
 
@@ -66,21 +75,21 @@ def _row(hub: HubTable, config: dict[str, Any]) -> int:
     return hub.id_of(params)
 
 
-def replay(hub: HubTable, seed: int, budget: int) -> dict[str, Any]:
+def replay(hub: HubTable, seed: int, budget: int, encoding: str = "categorical") -> dict[str, Any]:
     """One study of Syne Tune's DyHPO on ``hub`` until ``budget`` epochs are spent."""
     from syne_tune.backend.trial_status import Trial
     from syne_tune.optimizer.legacy_baselines import DyHPO
 
     # NOTE: rung levels 1, 2, 3, ... (grace period = rung increment = 1), as the DyHPO paper steps and
     # as Syne Tune itself recommends (its default increment of 2 logs "not recommended").
-    scheduler = DyHPO({**config_space(hub), MAX_EPOCHS: hub.n_epochs}, metric=METRIC, mode="max",
+    scheduler = DyHPO({**config_space(hub, encoding), MAX_EPOCHS: hub.n_epochs}, metric=METRIC, mode="max",
                       resource_attr=RESOURCE, max_resource_attr=MAX_EPOCHS, grace_period=1, rung_increment=1,
                       random_seed=seed)
 
     def new_trial(trial_id: int, config: dict[str, Any]) -> Any:
         return Trial(trial_id=trial_id, config=config, creation_time=datetime.datetime.now())
 
-    rec = drive(hub, scheduler, new_trial, budget).record(METHOD, NOTE, seed)
+    rec = drive(hub, scheduler, new_trial, budget).record(*METHODS[encoding], seed)
     rec["machine"] |= {"syne_tune": _version()}
     return rec
 
@@ -187,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=None, help="epochs per run (default: 10 full runs)")
     ap.add_argument("--out", type=Path, help="results folder (default bench/results/<hub>)")
+    ap.add_argument("--encoding", choices=sorted(METHODS), default="categorical",
+                    help="how Syne Tune sees the grid's numeric factors (method synetune-dyhpo[-ordinal])")
     ap.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     args = ap.parse_args(argv)
     logging.getLogger("syne_tune").setLevel(logging.WARNING)
@@ -196,15 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = (args.out or RESULTS / hub.name) / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        out = runs / f"{METHOD}-s{seed}.json"
+        method = METHODS[args.encoding][0]
+        out = runs / f"{method}-s{seed}.json"
         if out.is_file() and not args.force:
             old = json.loads(out.read_text())
             if old.get("budget") == budget and old.get("hub_fingerprint") == hub.data.get("fingerprint"):
                 continue
-        rec = replay(hub, seed, budget)
+        rec = replay(hub, seed, budget, args.encoding)
         out.write_text(json.dumps(rec, separators=(",", ":")))
         f = rec["final"]
-        print(f"{hub.name} {METHOD} seed {seed}: regret {f['regret']:.4f}, {f['n_lineages']} configurations, "
+        print(f"{hub.name} {method} seed {seed}: regret {f['regret']:.4f}, {f['n_lineages']} configurations, "
               f"{f['n_thaws']} resumes, decision {rec['overhead']['sampler_total_s'] + rec['overhead']['pruner_total_s']:.1f} s, "
               f"wall {rec['wall_s']:.1f} s", flush=True)
     return 0
