@@ -24,6 +24,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.10, 0.25, 0.50, 1.00)
+PRODUCT = "fms-gmn-next"  # optuna-fms's defaults: drawn bold and black
 
 
 def _note(method: str, rec: dict[str, Any]) -> str:
@@ -170,11 +171,14 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], path: P
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     epochs = np.arange(1, budget + 1)
     styles = ("-", "--", "-.", ":")  # so that coinciding curves stay visible
+    colors = plt.get_cmap("tab20").colors  # NOTE: distinct colours for up to 20 methods (tab10 repeats)
     for k, (m, info) in enumerate(summary["methods"].items()):
-        ls = styles[k % len(styles)]
+        ls = "-" if m == PRODUCT else styles[k % len(styles)]
+        width = 2.4 if m == PRODUCT else 1.3
         mean = np.maximum(np.array(info["curve"]["mean"]), floor)
         se = np.array([np.nan if s is None else s for s in info["curve"]["se"]])
-        line, = ax1.plot(epochs, mean, label=f"{m} (n={len(info['seeds'])})", drawstyle="steps-post", ls=ls)
+        line, = ax1.plot(epochs, mean, label=f"{m} (n={len(info['seeds'])})", drawstyle="steps-post", ls=ls,
+                         color="black" if m == PRODUCT else colors[k % 20], lw=width)
         lo, hi = np.maximum(mean - np.nan_to_num(se), floor), mean + np.nan_to_num(se)
         ax1.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.18, step="post")
         # seconds: each seed's regret after each epoch at (table training seconds + measured decision seconds)
@@ -192,7 +196,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], path: P
         with np.errstate(all="ignore"):
             mean_t, se_t = _mean_se(vals)
         mean_t = np.maximum(mean_t, floor)
-        ax2.plot(grid, mean_t, color=line.get_color(), label=m, ls=ls)
+        ax2.plot(grid, mean_t, color=line.get_color(), label=m, ls=ls, lw=width)
         ax2.fill_between(grid, np.maximum(mean_t - np.nan_to_num(se_t), floor), mean_t + np.nan_to_num(se_t),
                          color=line.get_color(), alpha=0.18)
     for ax in (ax1, ax2):
