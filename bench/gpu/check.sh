@@ -10,8 +10,12 @@ out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
 py=".venv/bin/python"
 [ -x "$py" ] || py=python3
-# NOTE: a lent machine has torch, PyG and gpytorch but not optuna: carry its wheels in .whl
-# (see the device tool's README) and they are installed here, outside the repository.
+# NOTE: a lent machine has torch, PyG and gpytorch but not optuna: carry its wheels in .whl, made
+# beforehand with (Python 3.12 there):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform any -d .whl optuna==5.0.0 alembic==1.20.1 \
+#     colorlog==6.12.0 Mako==1.4.3 SQLAlchemy==2.1.9
+# and they are installed here, outside the repository.
 if ! "$py" -c "import optuna" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
