@@ -60,10 +60,10 @@ def _gp_median(seed: int, hub: Any):
             optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
 
 
-def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True) -> Factory:
+def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False) -> Factory:
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
-                                        use_learning_curve=use_learning_curve)
+                                        use_learning_curve=use_learning_curve, ordered_choices=ordered)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights)
         return sampler, pruner
 
@@ -87,6 +87,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
                 "EI one step ahead"),
     Method("fms-gmn-nolc", _fms(weights="gmn", target="next", use_learning_curve=False), fms=True,
            weights="gmn", note="as fms-gmn-next without the learning-curve branch"),
+    Method("fms-gmn-next-ord", _fms(weights="gmn", target="next", ordered=True), fms=True, weights="gmn",
+           note="as fms-gmn-next, numeric grid levels also encoded by their rank (ordered_choices=True)"),
+    Method("dyhpo-ord", _fms(weights=None, target="next", ordered=True), fms=True,
+           note="as dyhpo, numeric grid levels also encoded by their rank (ordered_choices=True)"),
     Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
            note="flat weight sketch + learning curve, forecast target (target='final')"),
     Method("fms-flat-next", _fms(weights="flat", target="next"), fms=True, weights="flat",

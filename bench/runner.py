@@ -267,7 +267,7 @@ def surrogate_tau(study: optuna.Study, hub: HubTable, seed: int, n_unseen: int =
     n = hub.n_epochs
     final = np.array([hub.curve(c)["val_acc"][-1] for c in range(len(hub))], dtype=float)
     lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
-    space = engine_space(optuna_search_space(study))
+    space = engine_space(optuna_search_space(study), policy.settings.ordered_choices)
     history = make_history(study, lineages, space, max_steps=n, graph_source=sampler.graph_source)
     partial = [r for r in history.lineages if r.steps and r.next_step < n]
     started = {hub.id_of(dict(lin.params)) for lin in lineages if lin.params}

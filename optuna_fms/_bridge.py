@@ -16,7 +16,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 
 from optuna_fms.engine.history import History, LineageRecord
-from optuna_fms.engine.space import Dimension, SearchSpace
+from optuna_fms.engine.space import Dimension, SearchSpace, is_number
 from optuna_fms.graph_source import GraphSource
 from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage, pretrained_records
 
@@ -30,13 +30,15 @@ def optuna_search_space(study: Study) -> dict[str, BaseDistribution]:
     return {name: d for name, d in space.items() if not d.single()}
 
 
-def engine_space(distributions: dict[str, BaseDistribution]) -> SearchSpace:
-    return SearchSpace([_dimension(name, d) for name, d in sorted(distributions.items())])
+def engine_space(distributions: dict[str, BaseDistribution], ordered_choices: bool = False) -> SearchSpace:
+    """The engine's space; with ``ordered_choices``, categoricals of numbers also encode their rank."""
+    return SearchSpace([_dimension(name, d, ordered_choices) for name, d in sorted(distributions.items())])
 
 
-def _dimension(name: str, d: BaseDistribution) -> Dimension:
+def _dimension(name: str, d: BaseDistribution, ordered_choices: bool = False) -> Dimension:
     if isinstance(d, CategoricalDistribution):
-        return Dimension(name, "categorical", choices=tuple(d.choices))
+        ordered = ordered_choices and len(d.choices) > 1 and all(map(is_number, d.choices))
+        return Dimension(name, "categorical", choices=tuple(d.choices), ordered=ordered)
     if isinstance(d, (FloatDistribution, IntDistribution)):
         kind = "int" if isinstance(d, IntDistribution) else "float"
         step = None if d.log else d.step

@@ -117,7 +117,7 @@ class FMSPruner(BasePruner):
                     "resume it: freezing would end it. Call optuna_fms.save_checkpoint before "
                     "trial.report to make runs resumable.",
                 )
-            space = engine_space(optuna_search_space(study))
+            space = engine_space(optuna_search_space(study), policy.settings.ordered_choices)
             history = make_history(
                 study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps), graph_source=graphs
             )

@@ -47,6 +47,9 @@ class FMSSampler(BaseSampler):
             Weights are read from checkpoints saved with ``architecture=`` and from
             :func:`optuna_fms.register_pretrained`.
         fit_settings: Surrogate training schedule (full fits and refinements).
+        ordered_choices: Also encode a categorical of numbers (say ``[0.003, 0.01, 0.03]``) by its
+            rank, so the surrogate can carry what it learns about one level to the next; off by
+            default, since Optuna's categoricals are unordered.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class FMSSampler(BaseSampler):
         target: str = "next",
         weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
+        ordered_choices: bool = False,
     ) -> None:
         if target not in ("final", "next"):
             raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
@@ -71,6 +75,7 @@ class FMSSampler(BaseSampler):
             use_curve=use_learning_curve,
             target=target,
             weights=weights,
+            ordered_choices=ordered_choices,
             fit=fit_settings or FitSettings(),
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
@@ -103,7 +108,7 @@ class FMSSampler(BaseSampler):
             )
         with self.lock:
             distributions = optuna_search_space(study)
-            space = engine_space(distributions)
+            space = engine_space(distributions, self.policy.settings.ordered_choices)
             if self._last_space is not None and self._last_space.dimensions and space != self._last_space:
                 warn_once(
                     f"space:{study._study_id}:{tuple(space.names)}",

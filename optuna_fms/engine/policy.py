@@ -36,6 +36,9 @@ class PolicySettings:
     target: str = "next"
     # "gmn" (graph metanetwork), "flat" (count sketch of all weights) or None (DyHPO: no weights).
     weights: str | None = "gmn"
+    # Categorical choices that are all numbers also get their position in sorted order as one more
+    # column (see engine.space.Dimension.ordered), so what is learned about one level carries over.
+    ordered_choices: bool = False
     fit: FitSettings = field(default_factory=FitSettings)
 
 

@@ -25,6 +25,7 @@ class Dimension:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    ordered: bool = False  # categorical of numbers: also encode the choice's rank in sorted order
 
     def __post_init__(self) -> None:
         if self.kind not in ("float", "int", "categorical"):
@@ -35,11 +36,23 @@ class Dimension:
             raise ValueError(f"Dimension {self.name!r}: low {self.low} > high {self.high}.")
         if self.log and self.low <= 0:
             raise ValueError(f"Dimension {self.name!r}: a log scale needs low > 0.")
+        if self.ordered and not (self.kind == "categorical" and all(map(is_number, self.choices))):
+            raise ValueError(f"Dimension {self.name!r}: only a categorical of numbers can be ordered.")
 
     @property
     def width(self) -> int:
-        """Number of encoded columns: one per choice (one-hot) or one."""
-        return len(self.choices) if self.kind == "categorical" else 1
+        """Number of encoded columns: one per choice (one-hot, plus the rank when ordered) or one."""
+        return len(self.choices) + self.ordered if self.kind == "categorical" else 1
+
+    def rank(self, value: Any) -> float:
+        """An ordered choice's position among the sorted choices, in [0, 1] (a geometric grid's
+        rank is its log scale)."""
+        levels = sorted(set(float(c) for c in self.choices))
+        return levels.index(float(value)) / (len(levels) - 1) if len(levels) > 1 else 0.5
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class SearchSpace:
@@ -70,6 +83,8 @@ class SearchSpace:
             value = config[d.name]
             if d.kind == "categorical":
                 out[col + _choice_index(d, value)] = 1.0
+                if d.ordered:
+                    out[col + len(d.choices)] = d.rank(value)
             else:
                 out[col] = _to_unit(d, float(value))
             col += d.width
