@@ -15,6 +15,8 @@ import platform
 import subprocess
 from typing import Any
 
+import numpy as np
+
 from bench.hubs.recipe import HubTable
 
 TRACE_KEYS = ("epochs", "train_s", "decision_s", "best_val", "inc_test", "trial", "config", "step")
@@ -85,6 +87,21 @@ class Ledger:
             },
             "trace": self.trace,
         }
+
+    def overhead(self, sampler_calls: list[float], pruner_calls: list[float], sampler_total: float,
+                 pruner_total: float) -> dict[str, Any]:
+        """Decision overhead of a run: totals, p50/p95 of one sampler and one pruner decision (each
+        caller says what one decision is), and decision seconds per epoch charged."""
+        return {
+            "sampler_total_s": round(sampler_total, 4), "pruner_total_s": round(pruner_total, 4),
+            "sampler_p50_s": quantile(sampler_calls, 0.5), "sampler_p95_s": quantile(sampler_calls, 0.95),
+            "pruner_p50_s": quantile(pruner_calls, 0.5), "pruner_p95_s": quantile(pruner_calls, 0.95),
+            "per_epoch_s": round((sampler_total + pruner_total) / max(self.spent, 1), 5),
+        }
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    return round(float(np.quantile(values, q)), 6) if values else None
 
 
 def machine() -> dict[str, Any]:

@@ -215,13 +215,8 @@ class Replay:
             "n_full_runs": sum(len(v.curve) >= self.n for v in lins.values()),
         }
         return rec | {
-            "overhead": {
-                "sampler_total_s": round(self.sampler_timer.total, 4),
-                "pruner_total_s": round(self.pruner_timer.total, 4),
-                "sampler_p50_s": _q(sampler_calls, 0.5), "sampler_p95_s": _q(sampler_calls, 0.95),
-                "pruner_p50_s": _q(pruner_calls, 0.5), "pruner_p95_s": _q(pruner_calls, 0.95),
-                "per_epoch_s": round(self.decision_s() / max(self.ledger.spent, 1), 5),
-            },
+            "overhead": self.ledger.overhead(sampler_calls, pruner_calls, self.sampler_timer.total,
+                                             self.pruner_timer.total),
             "tau": tau,
             "tau_probe_s": round(tau_s, 3),
             "wall_s": round(wall, 3),
@@ -229,10 +224,6 @@ class Replay:
             "machine": {**machine(), "optuna": optuna.__version__, "torch_threads": _torch_threads(),
                         **code_version()},
         }
-
-
-def _q(values: list[float], q: float) -> float | None:
-    return round(float(np.quantile(values, q)), 6) if values else None
 
 
 def _torch_threads() -> int:

@@ -34,7 +34,6 @@ import datetime
 import json
 import logging
 from pathlib import Path
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -112,17 +111,12 @@ class Drive:
         return sum(self.suggest_s) + sum(self.result_s)
 
     def record(self, method: str, note: str, seed: int) -> dict[str, Any]:
-        s, r = self.suggest_s, self.result_s
+        s, r = self.suggest_s, self.result_s  # one sampler decision: a suggest; one pruner decision: a result
         rec = self.ledger.record(method, note, seed)
         rec["final"] |= {"n_trials": self.segments, "n_lineages": len(self.trials), "n_thaws": self.resumes,
                          "n_full_runs": sum(k >= self.n for k in self.next_step.values())}
         return rec | {
-            "overhead": {
-                "sampler_total_s": round(sum(s), 4), "pruner_total_s": round(sum(r), 4),
-                "sampler_p50_s": _median(s), "sampler_p95_s": _quantile(s, 0.95),
-                "pruner_p50_s": _median(r), "pruner_p95_s": _quantile(r, 0.95),
-                "per_epoch_s": round(self.decision_s() / max(self.ledger.spent, 1), 5),
-            },
+            "overhead": self.ledger.overhead(s, r, sum(s), sum(r)),
             "tau": None,
             "wall_s": round(time.perf_counter() - self.t_start, 3),
             "machine": {**machine(), **code_version()},
@@ -172,16 +166,6 @@ def drive(hub: HubTable, scheduler: Any, new_trial: Callable[[int, dict[str, Any
             scheduler.on_trial_complete(trial, result)
             d.result_s[-1] += time.perf_counter() - t0
     return d
-
-
-def _median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 6) if xs else None
-
-
-def _quantile(xs: list[float], q: float) -> float | None:
-    if len(xs) < 2:
-        return _median(xs)
-    return round(statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1], 6)
 
 
 def _version() -> str:

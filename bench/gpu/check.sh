@@ -15,10 +15,10 @@ py=".venv/bin/python"
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform any -d .whl optuna==5.0.0 alembic==1.20.1 \
 #     colorlog==6.12.0 Mako==1.4.3 SQLAlchemy==2.1.9
-# and they are installed here, outside the repository.
+# and they are installed into .whl-site (both folders are git-ignored).
 if ! "$py" -c "import optuna" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .whl-site .whl/*.whl
+    export PYTHONPATH="$PWD/.whl-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" | tee "$out/device.txt"
