@@ -7,6 +7,9 @@ For FMS methods it first saves the hub's own checkpoint of that epoch with
 :func:`optuna_fms.save_checkpoint` (with the architecture when the surrogate reads weights, and the
 zoo's pretrained weights registered for ``"model"``), so FMS sees exactly what it would see live.
 A thaw continues its lineage at ``fms:start_step``: no epoch is ever charged twice in a lineage.
+With ``placeholder_checkpoints`` (only for methods that read no weights, whose decisions do not depend
+on checkpoint bytes: ``tests/test_weights_study.py``) a tiny tensor stands in for the hub's checkpoint, so
+those methods replay a hub whose checkpoint cache was never built.
 
 Budget: epochs charged in total. The study stops as soon as the budget is spent (mid-trial too:
 that trial is pruned). The table's ``epoch_s`` give a second axis in seconds, and the sampler's and
@@ -99,8 +102,12 @@ PRUNER_CALLS = ("prune",)
 class Replay:
     """One study replaying ``hub`` for ``method`` and ``seed`` until ``budget`` epochs are spent."""
 
-    def __init__(self, hub: HubTable, method: str, seed: int, budget: int) -> None:
+    def __init__(self, hub: HubTable, method: str, seed: int, budget: int,
+                 placeholder_checkpoints: bool = False) -> None:
         self.hub, self.method, self.seed, self.budget = hub, methods_mod.get(method), seed, budget
+        if placeholder_checkpoints and self.method.weights is not None:
+            raise ValueError(f"{method} reads weights: it needs the hub's checkpoints, not placeholders")
+        self.placeholder_checkpoints = placeholder_checkpoints
         self.ledger = Ledger(hub, budget)
         self.n = hub.n_epochs
         self.trials: list[dict[str, Any]] = []
@@ -117,6 +124,10 @@ class Replay:
         return self._arch[zoo_id]
 
     def state_dict(self, cid: int, epoch: int) -> dict[str, Any]:
+        if self.placeholder_checkpoints:
+            import torch
+
+            return {"placeholder": torch.tensor([cid, epoch], dtype=torch.int64)}
         from safetensors.torch import load_file
 
         return load_file(str(self.hub.checkpoint_path(cid, epoch)))
@@ -220,6 +231,7 @@ class Replay:
             "tau": tau,
             "tau_probe_s": round(tau_s, 3),
             "wall_s": round(wall, 3),
+            "checkpoints": "placeholder" if self.placeholder_checkpoints else "hub",
             "trials": self.trials,
             "machine": {**machine(), "optuna": optuna.__version__, "torch_threads": _torch_threads(),
                         **code_version()},
@@ -294,10 +306,11 @@ def surrogate_tau(study: optuna.Study, hub: HubTable, seed: int, n_unseen: int =
 # --------------------------------------------------------------------------------------------------
 
 
-def replay(hub: HubTable, method: str, seed: int, budget: int) -> dict[str, Any]:
+def replay(hub: HubTable, method: str, seed: int, budget: int,
+           placeholder_checkpoints: bool = False) -> dict[str, Any]:
     """Run one (method, seed) on ``hub`` with ``budget`` epochs; returns the JSON-able record."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Replay(hub, method, seed, budget).run()
+    return Replay(hub, method, seed, budget, placeholder_checkpoints).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,11 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=int, required=True, help="epochs in total")
     ap.add_argument("--out", type=Path, help="write the run's JSON here (default: summary to stdout)")
+    ap.add_argument("--placeholder-checkpoints", action="store_true",
+                    help="methods that read no weights: save a tiny stand-in, no checkpoint cache needed")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    rec = replay(load_hub(args.hub, args.cache), args.method, args.seed, args.budget)
+    rec = replay(load_hub(args.hub, args.cache), args.method, args.seed, args.budget,
+                 args.placeholder_checkpoints)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, separators=(",", ":")))

@@ -89,6 +89,22 @@ def test_fms_thaws_continue_and_never_recharge(hub: HubTable) -> None:
             assert max(replay.study.trials[parent].intermediate_values) + 1 == t["start_step"]
 
 
+def test_placeholder_checkpoints_replay_a_weightless_method_exactly(hub: HubTable) -> None:
+    """Without reading weights, a method makes the same decisions whether the hub's checkpoints or
+    tiny stand-ins are saved; so it can replay a hub whose cache was never built. A method that
+    reads weights is refused the stand-ins."""
+    budget = 20
+    real, _ = _run(hub, "dyhpo", budget)
+    stand_in = Replay(hub, "dyhpo", 0, budget, placeholder_checkpoints=True).run()
+    assert stand_in["checkpoints"] == "placeholder" and real["checkpoints"] == "hub"
+    assert stand_in["final"]["n_thaws"] >= 1
+    for key in ("config", "step", "trial", "best_val"):
+        assert stand_in["trace"][key] == real["trace"][key], key
+    assert [t["decision"] for t in stand_in["trials"]] == [t["decision"] for t in real["trials"]]
+    with pytest.raises(ValueError, match="reads weights"):
+        Replay(hub, "fms-gmn", 0, budget, placeholder_checkpoints=True)
+
+
 def test_fms_with_weights_saves_graphs_and_pretrained(hub: HubTable) -> None:
     assert methods.reads_weights("fms-gmn") and not methods.reads_weights("dyhpo")
     budget = 10
