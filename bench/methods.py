@@ -60,11 +60,13 @@ def _gp_median(seed: int, hub: Any):
             optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
 
 
-def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False) -> Factory:
+def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
+         promotion: float = 0.0, freeze_margin: float = 0.2) -> Factory:
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
-                                        use_learning_curve=use_learning_curve, ordered_choices=ordered)
-        pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights)
+                                        use_learning_curve=use_learning_curve, ordered_choices=ordered,
+                                        promotion_probability=promotion)
+        pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
     return factory
@@ -91,6 +93,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as fms-gmn-next, numeric grid levels also encoded by their rank (ordered_choices=True)"),
     Method("dyhpo-ord", _fms(weights=None, target="next", ordered=True), fms=True,
            note="as dyhpo, numeric grid levels also encoded by their rank (ordered_choices=True)"),
+    Method("dyhpo-ord-sh", _fms(weights=None, target="next", ordered=True, promotion=0.25), fms=True,
+           note="as dyhpo-ord, a quarter of the sampler's decisions thaw by successive halving's rule"),
+    Method("dyhpo-ord-m0", _fms(weights=None, target="next", ordered=True, freeze_margin=0.0), fms=True,
+           note="as dyhpo-ord, the pruner freezes as soon as any alternative's EI is higher (margin 0)"),
+    Method("dyhpo-ord-sh-m0", _fms(weights=None, target="next", ordered=True, promotion=0.25, freeze_margin=0.0),
+           fms=True, note="dyhpo-ord-sh and dyhpo-ord-m0 together"),
     Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
            note="flat weight sketch + learning curve, forecast target (target='final')"),
     Method("fms-flat-next", _fms(weights="flat", target="next"), fms=True, weights="flat",

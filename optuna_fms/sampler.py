@@ -50,6 +50,9 @@ class FMSSampler(BaseSampler):
         ordered_choices: Also encode a categorical of numbers (say ``[0.003, 0.01, 0.03]``) by its
             rank, so the surrogate can carry what it learns about one level to the next; off by
             default, since Optuna's categoricals are unordered.
+        promotion_probability: With this probability a decision thaws the frozen lineage that
+            successive halving would promote (top third at its step), without the surrogate: a
+            model-free hedge against a misleading surrogate. 0 (default): DyHPO/FMS as published.
     """
 
     def __init__(
@@ -66,9 +69,12 @@ class FMSSampler(BaseSampler):
         weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
         ordered_choices: bool = False,
+        promotion_probability: float = 0.0,
     ) -> None:
         if target not in ("final", "next"):
             raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
+        if not 0.0 <= promotion_probability <= 1.0:
+            raise ValueError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}.")
         settings = PolicySettings(
             n_startup=n_startup_trials,
             pool_size=pool_size,
@@ -76,6 +82,7 @@ class FMSSampler(BaseSampler):
             target=target,
             weights=weights,
             ordered_choices=ordered_choices,
+            promotion_probability=promotion_probability,
             fit=fit_settings or FitSettings(),
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)

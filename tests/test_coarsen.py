@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from test_graphs import ResNet, TokenModel, check_common, cnn, encoder, mlp
-from test_metanet import CASES, Perms, Transformer, consume, permuted, produce, randomize_norm_stats
+from test_metanet import CASES, Perms, Transformer, consume, permuted, randomize_norm_stats
 from torch import Tensor, nn
 
 from optuna_fms.graphs import GraphMetanetwork, ParameterGraph, build_graph, describe_architecture

@@ -1,7 +1,6 @@
 """Whole studies: FMSSampler + FMSPruner on a tiny real fine-tune, on every storage kind."""
 
 import math
-import threading
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -12,7 +11,7 @@ import optuna_fms
 from optuna_fms import lineage as lin_mod
 from optuna_fms.engine.surrogate import FitSettings
 
-from tasks import digits_task, finetune_objective, optimize_until, uninterrupted_weights
+from tasks import finetune_objective, optimize_until, uninterrupted_weights
 
 EPOCHS = 6
 FAST = FitSettings(full_steps=100, refine_steps=15)

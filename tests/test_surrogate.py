@@ -154,3 +154,38 @@ def test_deepest_run_is_not_frozen_while_the_run_length_is_unknown() -> None:
     assert unknown.action == "continue" and "unknown" in unknown.reason
     known = policy.should_continue(History(SPACE, lineages, max_steps=12), 0, segment_steps=6, can_thaw=True)
     assert "unknown" not in known.reason and known.acquisition is not None
+
+
+def test_successive_halving_promotes_the_deepest_lineage_in_the_top_third() -> None:
+    from optuna_fms.engine.promotion import promotable
+
+    cfg = {"lr": 1e-2, "arch": "a"}
+
+    def lin(key: int, values: list[float], **kw) -> LineageRecord:
+        return LineageRecord(key, cfg, list(range(len(values))), values, **{"thawable": True} | kw)
+
+    # step 0 has six lineages (top two promotable: 0.9, 0.8); step 1 has three (top one: 0.7)
+    lineages = [lin(0, [0.9]), lin(1, [0.8]), lin(2, [0.5]), lin(3, [0.4, 0.7]), lin(4, [0.3, 0.6]),
+                lin(5, [0.2, 0.1])]
+    history = History(SPACE, lineages, max_steps=4)
+    assert promotable(history) == 3  # the deepest promotable one, though 0 and 1 score higher
+    assert promotable(history, exclude=frozenset({3})) == 0
+    assert promotable(history, exclude=frozenset({3, 0})) == 1
+    assert promotable(history, exclude=frozenset({3, 0, 1})) is None  # 0.5 is not in the top third
+    assert promotable(history, eta=7) is None  # fewer than eta lineages at every step
+    # running, unthawable and finished lineages are never promoted
+    running = [lin(0, [0.9], thawable=False, running=True), *lineages[1:]]
+    assert promotable(History(SPACE, running, max_steps=4), exclude=frozenset({3})) == 1
+    assert promotable(History(SPACE, lineages, max_steps=2), exclude=frozenset()) == 0
+
+
+def test_promotion_hedge_thaws_by_the_rule_only_with_its_probability() -> None:
+    history = _history(20, seed=4)
+    always = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, promotion_probability=1.0), seed=0)
+    decision = always.choose_next(history)
+    from optuna_fms.engine.promotion import promotable
+
+    assert decision.action == "thaw" and decision.key == promotable(history)
+    assert "successive halving" in decision.reason and decision.acquisition is None
+    never = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
+    assert "successive halving" not in never.choose_next(history).reason

@@ -1,7 +1,5 @@
 """Studies whose surrogate reads checkpointed and pretrained weights."""
 
-import os
-
 import optuna
 import pytest
 import torch

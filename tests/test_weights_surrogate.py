@@ -1,7 +1,6 @@
 """The weight branch: checkpoint graphs let the surrogate tell apart what hyperparameters can't."""
 
 import numpy as np
-import pytest
 import torch
 
 from optuna_fms.engine import Candidate, DeepKernelSurrogate, Dimension, FitSettings, History, LineageRecord, SearchSpace

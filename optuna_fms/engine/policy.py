@@ -12,6 +12,7 @@ import numpy as np
 from optuna_fms.engine.acquisition import expected_improvement, incumbents
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Candidate, History
+from optuna_fms.engine.promotion import promotable
 from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings
 
 
@@ -39,6 +40,11 @@ class PolicySettings:
     # Categorical choices that are all numbers also get their position in sorted order as one more
     # column (see engine.space.Dimension.ordered), so what is learned about one level carries over.
     ordered_choices: bool = False
+    # NOTE: a model-free hedge (as Syne Tune's DyHPO, which uses 0.25): with this probability a
+    # decision thaws the lineage successive halving would promote (top 1/promotion_eta at its
+    # step; see engine.promotion) instead of asking the surrogate. 0 is DyHPO/FMS as published.
+    promotion_probability: float = 0.0
+    promotion_eta: int = 3
     fit: FitSettings = field(default_factory=FitSettings)
 
 
@@ -92,6 +98,9 @@ class FreezeThawPolicy:
         with self._lock:
             if len(history.lineages) < self.settings.n_startup or not history.n_observations:
                 return self._random_new(history, "start-up: random configuration")
+            hedge = self._promotion(history, exclude)
+            if hedge is not None:
+                return hedge
             thaws = [c for c in self._thaw_candidates(history) if c.key not in exclude]
             candidates = thaws + self._new_candidates(history, new_step)
             if not candidates:
@@ -193,6 +202,16 @@ class FreezeThawPolicy:
             for lin in history.lineages
             if lin.thawable and lin.steps and (max_steps is None or lin.next_step < max_steps)
         ]
+
+    def _promotion(self, history: History, exclude: frozenset[int]) -> Decision | None:
+        p = self.settings.promotion_probability
+        if p <= 0 or self._rng.random() >= p:  # NOTE: no draw at 0, so the published path is unchanged
+            return None
+        key = promotable(history, eta=self.settings.promotion_eta, exclude=exclude)
+        if key is None:
+            return None
+        return Decision("thaw", key=key, reason=f"successive halving: top 1/{self.settings.promotion_eta} "
+                                                f"at its step (hedge taken with probability {p:g})")
 
     def _new_candidates(self, history: History, step: int = 0) -> list[Candidate]:
         space = history.space
