@@ -61,11 +61,11 @@ def _gp_median(seed: int, hub: Any):
 
 
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
-         promotion: float = 0.0, freeze_margin: float = 0.2) -> Factory:
+         promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False) -> Factory:
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
-                                        promotion_probability=promotion)
+                                        promotion_probability=promotion, input_kernel=input_kernel)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -99,6 +99,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as dyhpo-ord, the pruner freezes as soon as any alternative's EI is higher (margin 0)"),
     Method("dyhpo-ord-sh-m0", _fms(weights=None, target="next", ordered=True, promotion=0.25, freeze_margin=0.0),
            fms=True, note="dyhpo-ord-sh and dyhpo-ord-m0 together"),
+    Method("dyhpo-ord-ik", _fms(weights=None, target="next", ordered=True, input_kernel=True), fms=True,
+           note="as dyhpo-ord, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
+    Method("fms-gmn-next-ord-ik", _fms(weights="gmn", target="next", ordered=True, input_kernel=True), fms=True,
+           weights="gmn", note="as fms-gmn-next-ord, plus the input kernel (input_kernel=True)"),
     Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
            note="flat weight sketch + learning curve, forecast target (target='final')"),
     Method("fms-flat-next", _fms(weights="flat", target="next"), fms=True, weights="flat",

@@ -70,6 +70,7 @@ class FMSSampler(BaseSampler):
         fit_settings: FitSettings | None = None,
         ordered_choices: bool = False,
         promotion_probability: float = 0.0,
+        input_kernel: bool = False,
     ) -> None:
         if target not in ("final", "next"):
             raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
@@ -83,6 +84,7 @@ class FMSSampler(BaseSampler):
             weights=weights,
             ordered_choices=ordered_choices,
             promotion_probability=promotion_probability,
+            input_kernel=input_kernel,
             fit=fit_settings or FitSettings(),
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)

@@ -33,15 +33,18 @@ def _history(n: int, seed: int = 0, thawable: bool = True) -> History:
     return History(SPACE, lineages, max_steps=12)
 
 
-def test_surrogate_predicts_held_out_curve_points_better_than_the_mean() -> None:
+@pytest.mark.parametrize("input_kernel", [False, True])
+def test_surrogate_predicts_held_out_curve_points_better_than_the_mean(input_kernel: bool) -> None:
     history = _history(50)
     rows, y, _ = history.training_rows()
     rng = np.random.default_rng(1)
     order = rng.permutation(len(y))
     train, test = order[: len(y) * 3 // 4], order[len(y) * 3 // 4 :]
-    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=200))
+    model = DeepKernelSurrogate(SPACE.width, input_kernel=input_kernel, settings=FitSettings(full_steps=200))
     model.fit(rows.take(train), y[train])
     mean, std = model.predict(rows.take(test))
+    if input_kernel:  # one lengthscale per raw input: the configuration's columns and the budget
+        assert model._model.input_module.base_kernel.lengthscale.shape[-1] == SPACE.width + 1
     rmse = np.sqrt(np.mean((mean - y[test]) ** 2))
     baseline = np.sqrt(np.mean((y[train].mean() - y[test]) ** 2))
     assert rmse < 0.5 * baseline

@@ -29,6 +29,8 @@ class PolicySettings:
     pool_size: int = 256
     n_local: int = 64
     use_curve: bool = True
+    # An ARD Matern kernel on the raw configuration and budget, added to the deep kernel.
+    input_kernel: bool = False
     # NOTE: "next" (default) is DyHPO/FMS as published: EI one step ahead, over the best value seen
     # at that budget. "final" scores every candidate by the EI of its forecast value at the
     # deepest step observed so far over the best value seen, per step still needed (the surrogate
@@ -260,6 +262,7 @@ class FreezeThawPolicy:
                 history.space.width,
                 weights,
                 use_curve=self.settings.use_curve,
+                input_kernel=self.settings.input_kernel,
                 curve_length=history.curve_length,
                 settings=self.settings.fit,
                 seed=self._seed,

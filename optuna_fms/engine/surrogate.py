@@ -105,12 +105,14 @@ class DeepKernelSurrogate:
         *,
         use_curve: bool = True,
         curve_length: int = 16,
+        input_kernel: bool = False,
         settings: FitSettings | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
         self.config_dim = config_dim
         self.weights = weights
+        self.input_kernel = input_kernel
         self.curve_length = curve_length
         self.use_curve = use_curve
         self.settings = settings or FitSettings()
@@ -203,7 +205,7 @@ class DeepKernelSurrogate:
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(1e-4)
         )
-        model = _ExactDKGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=self.dtype)
+        model = _ExactDKGP(inputs, y, likelihood, extractor, self.input_kernel).to(device=self.device, dtype=self.dtype)
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)
@@ -258,12 +260,24 @@ class _ExactDKGP(gpytorch.models.ExactGP):
         targets: torch.Tensor,
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
         extractor: FeatureExtractor,
+        input_kernel: bool = False,
     ) -> None:
         super().__init__(inputs, targets, likelihood)
         self.extractor = extractor
         self.mean_module = gpytorch.means.ConstantMean()
         self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
+        # NOTE: optionally a second kernel, Matern-5/2 with one lengthscale per input, on the raw
+        # configuration encoding and budget, added to the deep kernel: a smooth prior that needs
+        # no learned features, for the first decisions when the feature extractor has little data.
+        n_raw = extractor.config_dim + 1
+        self.input_module = (
+            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=n_raw))
+            if input_kernel else None
+        )
 
     def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
         z = self.extractor(packed)
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
+        covar = self.covar_module(z)
+        if self.input_module is not None:
+            covar = covar + self.input_module(packed[:, : self.extractor.config_dim + 1])
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), covar)
