@@ -40,13 +40,13 @@ def _init(table: str, cache: str | None) -> None:
     _HUB = load_hub(table, cache)
 
 
-def _task(job: tuple[str, int, int, str, bool]) -> tuple[str, int, float, str]:
-    method, seed, budget, out, placeholder = job
+def _task(job: tuple[str, int, int, str, bool, bool]) -> tuple[str, int, float, str]:
+    method, seed, budget, out, placeholder, build_missing = job
     from bench.runner import replay
 
     t0 = time.perf_counter()
     try:
-        rec = replay(_HUB, method, seed, budget, placeholder)
+        rec = replay(_HUB, method, seed, budget, placeholder, build_missing)
     except Exception as err:  # noqa: BLE001 - one failed run must not lose the others
         return method, seed, time.perf_counter() - t0, f"FAILED: {type(err).__name__}: {err}"
     Path(out).write_text(json.dumps(rec, separators=(",", ":")))
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placeholder-checkpoints", action="store_true",
                     help="for methods that read no weights, a tiny stand-in for each checkpoint (no cache "
                          "needed; their decisions do not depend on checkpoint bytes)")
+    ap.add_argument("--build-missing", action="store_true",
+                    help="build the checkpoints a replay needs when it first asks for them, checked against "
+                         "the table (no full build; each worker builds in one extra 1-thread process)")
     args = ap.parse_args(argv)
     from bench.runner import load_hub
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (ValueError, KeyError):
                     pass
             placeholder = args.placeholder_checkpoints and not methods_mod.reads_weights(method)
-            jobs.append((method, seed, budget, str(path), placeholder))
+            jobs.append((method, seed, budget, str(path), placeholder, args.build_missing))
     # NOTE: seed by seed, so an interrupted comparison still holds whole seeds (the report ranks only
     # seeds every method ran); within a seed the slow (FMS) runs first, so the workers finish together.
     jobs.sort(key=lambda j: (j[1], not methods_mod.get(j[0]).fms, methods_mod.get(j[0]).weights is None))

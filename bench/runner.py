@@ -9,7 +9,8 @@ zoo's pretrained weights registered for ``"model"``), so FMS sees exactly what i
 A thaw continues its lineage at ``fms:start_step``: no epoch is ever charged twice in a lineage.
 With ``placeholder_checkpoints`` (only for methods that read no weights, whose decisions do not depend
 on checkpoint bytes: ``tests/test_weights_study.py``) a tiny tensor stands in for the hub's checkpoint, so
-those methods replay a hub whose checkpoint cache was never built.
+those methods replay a hub whose checkpoint cache was never built. With ``build_missing`` the
+checkpoints a replay needs are built when first asked for (:mod:`bench.hubs.on_demand`).
 
 Budget: epochs charged in total. The study stops as soon as the budget is spent (mid-trial too:
 that trial is pruned). The table's ``epoch_s`` give a second axis in seconds, and the sampler's and
@@ -103,11 +104,16 @@ class Replay:
     """One study replaying ``hub`` for ``method`` and ``seed`` until ``budget`` epochs are spent."""
 
     def __init__(self, hub: HubTable, method: str, seed: int, budget: int,
-                 placeholder_checkpoints: bool = False) -> None:
+                 placeholder_checkpoints: bool = False, build_missing: bool = False) -> None:
         self.hub, self.method, self.seed, self.budget = hub, methods_mod.get(method), seed, budget
         if placeholder_checkpoints and self.method.weights is not None:
             raise ValueError(f"{method} reads weights: it needs the hub's checkpoints, not placeholders")
         self.placeholder_checkpoints = placeholder_checkpoints
+        self.on_demand = None
+        if build_missing and self.method.fms and not placeholder_checkpoints:
+            from bench.hubs.on_demand import OnDemandCache
+
+            self.on_demand = OnDemandCache(hub)
         self.ledger = Ledger(hub, budget)
         self.n = hub.n_epochs
         self.trials: list[dict[str, Any]] = []
@@ -130,6 +136,8 @@ class Replay:
             return {"placeholder": torch.tensor([cid, epoch], dtype=torch.int64)}
         from safetensors.torch import load_file
 
+        if self.on_demand is not None:
+            self.on_demand.ensure_config(cid)
         return load_file(str(self.hub.checkpoint_path(cid, epoch)))
 
     # --- the study -------------------------------------------------------------------------------
@@ -142,6 +150,8 @@ class Replay:
         study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                     study_name=f"{self.hub.name}-{self.method.name}-{self.seed}")
         if self.method.weights is not None:
+            if self.on_demand is not None:
+                self.on_demand.ensure_zoo()
             for k in self.hub.grid.levels["model"]:
                 optuna_fms.register_pretrained(study, "model", k, self.state_dict_zoo(k),
                                                architecture=self.architecture(k))
@@ -204,6 +214,13 @@ class Replay:
             study.stop()
 
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.on_demand is not None:
+                self.on_demand.close()
+
+    def _run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         study = self.make_study()
         # NOTE: n_trials is only a safety net: the budget stops the study (a trial charges >= 1 epoch
@@ -232,6 +249,7 @@ class Replay:
             "tau_probe_s": round(tau_s, 3),
             "wall_s": round(wall, 3),
             "checkpoints": "placeholder" if self.placeholder_checkpoints else "hub",
+            "built_on_demand": len(self.on_demand.built) if self.on_demand is not None else 0,
             "trials": self.trials,
             "machine": {**machine(), "optuna": optuna.__version__, "torch_threads": _torch_threads(),
                         **code_version()},
@@ -307,10 +325,10 @@ def surrogate_tau(study: optuna.Study, hub: HubTable, seed: int, n_unseen: int =
 
 
 def replay(hub: HubTable, method: str, seed: int, budget: int,
-           placeholder_checkpoints: bool = False) -> dict[str, Any]:
+           placeholder_checkpoints: bool = False, build_missing: bool = False) -> dict[str, Any]:
     """Run one (method, seed) on ``hub`` with ``budget`` epochs; returns the JSON-able record."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Replay(hub, method, seed, budget, placeholder_checkpoints).run()
+    return Replay(hub, method, seed, budget, placeholder_checkpoints, build_missing).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the run's JSON here (default: summary to stdout)")
     ap.add_argument("--placeholder-checkpoints", action="store_true",
                     help="methods that read no weights: save a tiny stand-in, no checkpoint cache needed")
+    ap.add_argument("--build-missing", action="store_true",
+                    help="build the checkpoints the replay needs when first asked for (checked against the table)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     rec = replay(load_hub(args.hub, args.cache), args.method, args.seed, args.budget,
-                 args.placeholder_checkpoints)
+                 args.placeholder_checkpoints, args.build_missing)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rec, separators=(",", ":")))

@@ -105,6 +105,32 @@ def test_placeholder_checkpoints_replay_a_weightless_method_exactly(hub: HubTabl
         Replay(hub, "fms-gmn", 0, budget, placeholder_checkpoints=True)
 
 
+def test_checkpoints_built_on_demand_are_the_table_s_and_replay_the_same(hub: HubTable, tmp_path) -> None:
+    """A replay on an empty cache builds the zoo and only the configurations it visits, each file
+    identical to the full build's (hash-checked), and decides exactly as on the full cache; a table
+    whose hash disagrees with the rebuilt file stops the replay."""
+    import json
+
+    from bench.hubs.on_demand import OnDemandCache
+
+    budget = 12
+    full, _ = _run(hub, "fms-gmn-next", budget)
+    empty = HubTable.load(hub.cache_dir / "table.json", tmp_path / "cache")
+    lazy = Replay(empty, "fms-gmn-next", 0, budget, build_missing=True).run()
+    for key in ("config", "step", "best_val"):
+        assert lazy["trace"][key] == full["trace"][key], key
+    visited = set(lazy["trace"]["config"])
+    built = {int(p.name[1:]) for p in (tmp_path / "cache" / "configs").iterdir() if p.is_dir()}
+    assert built == visited and lazy["built_on_demand"] == len(visited) < len(hub)
+    assert all(empty.zoo_checkpoint_path(z["id"]).is_file() for z in hub.zoo)
+
+    data = json.loads((hub.cache_dir / "table.json").read_text())
+    data["configs"][5]["sha256"][3] = "0" * 12
+    wrong = HubTable(data, tmp_path / "cache2")
+    with OnDemandCache(wrong) as cache, pytest.raises(RuntimeError, match="differs from the table"):
+        cache.ensure_config(5)
+
+
 def test_fms_with_weights_saves_graphs_and_pretrained(hub: HubTable) -> None:
     assert methods.reads_weights("fms-gmn") and not methods.reads_weights("dyhpo")
     budget = 10
