@@ -11,6 +11,7 @@ Existing runs with the same budget on the same hub build (fingerprint) are kept 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ProcessPoolExecutor, as_completed
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -103,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     failed = 0
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.workers, initializer=_init, initargs=(str(args.hub), args.cache), maxtasksperchild=1) as pool:
-        for method, seed, dt, msg in pool.imap_unordered(_task, jobs):
+    # NOTE: ProcessPoolExecutor, not multiprocessing.Pool: its workers are not daemonic, so a replay that
+    # builds checkpoints on demand may start its own builder process.
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # a fresh process per run
+    with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init, initargs=(str(args.hub), args.cache),
+                             **fresh) as pool:
+        for future in as_completed([pool.submit(_task, job) for job in jobs]):
+            method, seed, dt, msg = future.result()
             failed += msg.startswith("FAILED")
             print(f"  {method:>14} seed {seed}: {dt:7.1f}s  {msg}  [{time.perf_counter() - t0:.0f}s]", flush=True)
     from bench import report

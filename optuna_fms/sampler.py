@@ -53,6 +53,9 @@ class FMSSampler(BaseSampler):
         promotion_probability: With this probability a decision thaws the frozen lineage that
             successive halving would promote (top third at its step), without the surrogate: a
             model-free hedge against a misleading surrogate. 0 (default): DyHPO/FMS as published.
+        input_kernel: Add to the deep kernel a Matern-5/2 kernel with one lengthscale per input
+            on the raw configuration encoding and budget: a smooth prior that needs no learned
+            features, for the decisions made on little data.
     """
 
     def __init__(
