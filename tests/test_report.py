@@ -1,0 +1,32 @@
+"""The benchmark report's reading of issue 4's bar (bench/report.py)."""
+
+from bench.report import against_baselines
+
+
+def _method(curve: list[float]) -> dict:
+    n = len(curve)
+    at = {"10%": 0, "25%": n // 4 - 1, "50%": n // 2 - 1, "100%": n - 1}
+    return {"curve": {"mean": curve}, "final_regret": {"mean": curve[-1]},
+            "regret_at": {f: {"mean": curve[i]} for f, i in at.items()}}
+
+
+def test_the_bar_compares_each_graph_metanetwork_method_with_every_other_method() -> None:
+    summary = {"methods": {
+        "fms-gmn-next": _method([0.9, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]),
+        "dyhpo": _method([0.8, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.03]),
+        "synetune-dyhpo": _method([0.95, 0.7, 0.2, 0.15, 0.12, 0.1, 0.04, 0.02]),
+    }}
+    bar = against_baselines(summary)
+    assert bar["baselines"] == ["dyhpo", "synetune-dyhpo"]
+    assert bar["best_final_baseline"] == "synetune-dyhpo" and bar["best_final"] == 0.02
+    gmn = bar["methods"]["fms-gmn-next"]
+    # 10 %: 0.9 is not below dyhpo's 0.8; 25 %: 0.5 < 0.6, 0.7; 50 %: 0.2 > 0.15; 100 %: 0.01 < 0.03, 0.02
+    assert gmn["lowest_at"] == ["25%", "100%"]
+    assert gmn["epochs_to_best_final"] == 7  # 0.02 is first reached at the 7th epoch
+    assert set(bar["methods"]) == {"fms-gmn-next"}
+
+
+def test_a_method_that_never_reaches_the_best_final_regret_says_so() -> None:
+    summary = {"methods": {"fms-gmn-next": _method([0.5, 0.4, 0.3, 0.2]), "tpe": _method([0.5, 0.3, 0.2, 0.1])}}
+    assert against_baselines(summary)["methods"]["fms-gmn-next"] == {"lowest_at": [], "epochs_to_best_final": None}
+    assert against_baselines({"methods": {"fms-gmn-next": _method([0.5, 0.4])}}) == {}
