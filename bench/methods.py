@@ -61,11 +61,13 @@ def _gp_median(seed: int, hub: Any):
 
 
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
-         promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False) -> Factory:
+         promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
+         n_startup: int = 8) -> Factory:
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
-                                        promotion_probability=promotion, input_kernel=input_kernel)
+                                        promotion_probability=promotion, input_kernel=input_kernel,
+                                        n_startup_trials=n_startup)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -103,6 +105,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as dyhpo, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
     Method("fms-gmn-next-ik", _fms(weights="gmn", target="next", input_kernel=True), fms=True, weights="gmn",
            note="as fms-gmn-next, plus the input kernel (input_kernel=True)"),
+    Method("dyhpo-s16", _fms(weights=None, target="next", n_startup=16), fms=True,
+           note="as dyhpo, 16 random one-step configurations before the surrogate decides (default 8)"),
     Method("dyhpo-ord-ik", _fms(weights=None, target="next", ordered=True, input_kernel=True), fms=True,
            note="as dyhpo-ord, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
     Method("fms-gmn-next-ord-ik", _fms(weights="gmn", target="next", ordered=True, input_kernel=True), fms=True,
