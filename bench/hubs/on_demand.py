@@ -42,6 +42,8 @@ class OnDemandCache:
         self.recipe = recipe_of(table)
         self.cache = Path(table.cache_dir)
         self.built: list[int] = []  # configurations this object had to build
+        self._ready: set[int] = set()  # configurations whose files this object has checked
+        self._zoo_ready = False
         self._stack = contextlib.ExitStack()
         self._mapper: recipe_mod.Mapper | None = None
         recipe_mod._prepare_cache(self.recipe, self.cache, fresh=False)
@@ -57,7 +59,9 @@ class OnDemandCache:
         self.close()
 
     def ensure_zoo(self) -> None:
-        """Every zoo member's pretrained checkpoint."""
+        """Every zoo member's pretrained checkpoint (checked once per object)."""
+        if self._zoo_ready:
+            return
         t = self.table
         missing = [z["id"] for z in t.zoo if not t.zoo_checkpoint_path(z["id"]).is_file()]
         if missing:
@@ -67,12 +71,16 @@ class OnDemandCache:
                     list(self._map(recipe_mod._pretrain_task, missing))
         for z in t.zoo:
             self._check(t.zoo_checkpoint_path(z["id"]), z["sha256"], f"zoo model {z['id']}")
+        self._zoo_ready = True
 
     def ensure_config(self, cid: int) -> None:
         """Every checkpoint (epochs 0..n) of configuration ``cid``."""
+        if cid in self._ready:
+            return
         t = self.table
         paths = [t.checkpoint_path(cid, e) for e in range(t.n_epochs + 1)]
         if all(p.is_file() for p in paths):
+            self._ready.add(cid)
             return
         self.ensure_zoo()
         with self._locked(f"c{cid:04d}"):
@@ -81,6 +89,7 @@ class OnDemandCache:
                 self.built.append(cid)
         for e, p in enumerate(paths):
             self._check(p, t.checkpoint_sha(cid, e), f"config {cid} epoch {e}")
+        self._ready.add(cid)
 
     def _map(self, fn: Callable[[int], dict], ids: list[int]) -> Iterator[dict]:
         if self._mapper is None:
