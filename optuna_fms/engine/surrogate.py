@@ -269,9 +269,9 @@ class _ExactDKGP(gpytorch.models.ExactGP):
         # NOTE: optionally a second kernel, Matern-5/2 with one lengthscale per input, on the raw
         # configuration encoding and budget, added to the deep kernel: a smooth prior that needs
         # no learned features, for the first decisions when the feature extractor has little data.
-        n_raw = extractor.config_dim + 1
+        self.n_raw = extractor.config_dim + 1  # the packed row starts with the configuration and budget
         self.input_module = (
-            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=n_raw))
+            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=self.n_raw))
             if input_kernel else None
         )
 
@@ -279,5 +279,5 @@ class _ExactDKGP(gpytorch.models.ExactGP):
         z = self.extractor(packed)
         covar = self.covar_module(z)
         if self.input_module is not None:
-            covar = covar + self.input_module(packed[:, : self.extractor.config_dim + 1])
+            covar = covar + self.input_module(packed[:, : self.n_raw])
         return gpytorch.distributions.MultivariateNormal(self.mean_module(z), covar)
