@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="acquisition target (see FMSSampler): EI one step ahead, or of the forecast final value")
     parser.add_argument("--weights", choices=["gmn", "flat", "none"], default="gmn",
                         help="how the surrogate reads checkpointed weights (none: DyHPO-style)")
+    parser.add_argument("--device", default=None,
+                        help="the surrogate's device, e.g. cpu or cuda (default: CUDA when available); "
+                             "exact reruns need cpu")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
         study_name="finetune-model-hub",
         load_if_exists=False,
         sampler=optuna_fms.FMSSampler(
-            seed=args.seed, weights=None if args.weights == "none" else args.weights, target=args.target
+            seed=args.seed, weights=None if args.weights == "none" else args.weights, target=args.target,
+            device=args.device,
         ),
         # max_steps tells the pruner the full run length from the start (otherwise it learns
         # it from the first finished run), so a run is never frozen at its last epoch.
