@@ -255,3 +255,23 @@ def test_synetune_driver_refuses_what_the_grid_or_the_run_cannot_be(hub: HubTabl
 
     with pytest.raises(RuntimeError, match="which has finished"):
         drive(hub, ResumesFinished(hub, every=hub.n_epochs + 1), _Trial, 3 * hub.n_epochs)
+
+
+def test_report_writes_the_summary_tables_and_both_plots(hub: HubTable, tmp_path) -> None:
+    import json
+
+    from bench import report
+
+    (tmp_path / "runs").mkdir()
+    for method in ("random", "dyhpo-s16"):  # one method of the main plot, one variant
+        for seed in (0, 1):
+            rec, _ = _run(hub, method, 10, seed)
+            (tmp_path / "runs" / f"{method}-s{seed}.json").write_text(json.dumps(rec))
+    summary = report.write_report(tmp_path)
+    assert set(summary["methods"]) == {"random", "dyhpo-s16"}
+    assert summary["methods"]["random"]["seeds"] == [0, 1]
+    for name in ("summary.json", "regret.png", "regret-all.png", "RESULTS.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "](regret.png)" in text and "](regret-all.png)" in text
+    assert report.plot(report.load_runs(tmp_path), summary, tmp_path / "main.png", report.MAIN) == ["random"]
