@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.hubs.recipe import HubTable
+from bench.hubs.recipe import HubTable, cpu_model
 
 TRACE_KEYS = ("epochs", "train_s", "decision_s", "best_val", "inc_test", "trial", "config", "step")
 
@@ -105,7 +105,7 @@ def quantile(values: list[float], q: float) -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    return {"python": platform.python_version(), "load_avg": list(os.getloadavg())}
+    return {"python": platform.python_version(), "cpu": cpu_model(), "load_avg": list(os.getloadavg())}
 
 
 def code_version() -> dict[str, Any]:

@@ -113,6 +113,13 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "checkpoint_epochs": checkpoints, "seeds_ranked": common, "methods": {},
     }
     by_seed = {m: {r["seed"]: (r["trace"]["config"], r["trace"]["step"]) for r in runs[m]} for m in methods}
+    # NOTE: the surrogate's floating point differs between CPUs, and a near-tie decided otherwise
+    # changes the rest of a study; the record says where each run came from.
+    cpus: dict[str, int] = defaultdict(int)
+    for recs in runs.values():
+        for r in recs:
+            cpus[r.get("machine", {}).get("cpu", "unrecorded")] += 1
+    out["cpus"] = dict(sorted(cpus.items()))
     out["identical"] = [[a, b] for i, a in enumerate(methods) for b in methods[i + 1:]
                         if common and all(by_seed[a][s] == by_seed[b][s] for s in common)]
     for m in methods:
@@ -271,6 +278,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"- Oracle: best validation accuracy {o['val_acc']:.4f} (config {o['config']}, epoch {o['epoch']};"
         f" its test accuracy {o['test_acc']:.4f}). Regret = oracle - best validation accuracy found so far.",
         "- Mean +/- standard error over seeds. Ranks: per seed, 1 = lowest regret (ties share), then averaged.",
+        "- Runs per CPU (the surrogate's floating point, and so a study's near-tie decisions, can differ"
+        " between CPUs): " + ", ".join(f"{cpu} {n}" for cpu, n in summary.get("cpus", {}).items()) + ".",
     ]
     for a, b in summary.get("identical", []):
         lines.append(f"- `{a}` and `{b}` charged exactly the same (configuration, epoch) sequence on every seed"

@@ -415,8 +415,8 @@ def _run(mapper: Mapper, fn: Callable[[int], dict[str, Any]], ids: Sequence[int]
     return sorted(results, key=lambda d: d["id"])
 
 
-def _cpu_model() -> str:
-    """The builder's CPU, for the record (results must not depend on it)."""
+def cpu_model() -> str:
+    """This machine's CPU, for the record (a hub's results must not depend on it)."""
     import platform
 
     try:
@@ -479,7 +479,7 @@ def build(recipe: HubRecipe, cache: Path | str, table_path: Path | str, workers:
                 if k in by_id else dict(spec, id=k) for k, spec in enumerate(recipe.zoo)],
         "configs": rows,
         "build": {"workers": workers, "torch": torch.__version__, "numerics": PORTABLE_NUMERICS,
-                  "cpu": _cpu_model(), "shards_reused": reused,
+                  "cpu": cpu_model(), "shards_reused": reused,
                   "zoo_cpu_s": round(sum(z["pretrain_s"] for z in zoo), 1),
                   "finetune_cpu_s": round(sum(sum(r["epoch_s"]) for r in rows), 1),
                   # wall times of this invocation: a full build only when no shard was reused
