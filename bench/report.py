@@ -249,14 +249,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], path: P
     ax2.set_xlabel("seconds: table epoch times + measured sampler/pruner time")
     ax1.set_title(f"{summary['hub']}: regret vs epochs (mean +/- s.e.)")
     ax2.set_title("regret vs seconds (decision overhead included)")
-    if not shown:
-        pass  # NOTE: none of these methods ran: empty axes, no legend
-    elif len(shown) <= 12:
-        ax1.legend(fontsize=8)
-    else:  # NOTE: below the axes, where it hides no curve
+    if len(shown) > 12:  # NOTE: the legend goes below the axes, where it hides no curve
         fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
         fig.subplots_adjust(bottom=0.3)
-    if len(shown) <= 12:
+    else:
+        if shown:  # (none of these methods ran: empty axes, no legend)
+            ax1.legend(fontsize=8)
         fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
