@@ -19,6 +19,7 @@ import warnings
 import optuna
 
 import optuna_fms
+from optuna_fms.engine.surrogate import FitSettings
 
 Factory = Callable[[int, Any], tuple[optuna.samplers.BaseSampler, optuna.pruners.BasePruner]]
 
@@ -62,12 +63,13 @@ def _gp_median(seed: int, hub: Any):
 
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
-         n_startup: int = 8) -> Factory:
+         n_startup: int = 8, noise_floor: float | None = None) -> Factory:
     def factory(seed: int, hub: Any):
+        fit = FitSettings(noise_floor=noise_floor) if noise_floor is not None else None
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
                                         promotion_probability=promotion, input_kernel=input_kernel,
-                                        n_startup_trials=n_startup)
+                                        n_startup_trials=n_startup, fit_settings=fit)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -107,6 +109,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as fms-gmn-next, plus the input kernel (input_kernel=True)"),
     Method("dyhpo-s16", _fms(weights=None, target="next", n_startup=16), fms=True,
            note="as dyhpo, 16 random one-step configurations before the surrogate decides (default 8)"),
+    Method("dyhpo-n2", _fms(weights=None, target="next", noise_floor=1e-2), fms=True,
+           note="as dyhpo, the GP's noise variance at least 1e-2 (standardized; default 1e-4)"),
+    Method("dyhpo-n1", _fms(weights=None, target="next", noise_floor=1e-1), fms=True,
+           note="as dyhpo, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
+    Method("fms-gmn-next-n1", _fms(weights="gmn", target="next", noise_floor=1e-1), fms=True, weights="gmn",
+           note="as fms-gmn-next, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
     Method("dyhpo-ord-ik", _fms(weights=None, target="next", ordered=True, input_kernel=True), fms=True,
            note="as dyhpo-ord, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
     Method("fms-gmn-next-ord-ik", _fms(weights="gmn", target="next", ordered=True, input_kernel=True), fms=True,

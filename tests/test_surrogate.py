@@ -51,6 +51,20 @@ def test_surrogate_predicts_held_out_curve_points_better_than_the_mean(input_ker
     assert np.all(std > 0)
 
 
+def test_noise_floor_bounds_the_noise_and_widens_the_predictive_spread() -> None:
+    history = _history(50)
+    rows, y, _ = history.training_rows()
+    noise, spread = {}, {}
+    for floor in (1e-4, 0.1):
+        model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=300, noise_floor=floor))
+        model.fit(rows, y)
+        noise[floor] = model._model.likelihood.noise.item()
+        spread[floor] = model.predict(rows)[1].min()
+    assert noise[1e-4] < 0.1 <= noise[0.1]  # these smooth curves ask for less noise than the floor
+    # the predictive std includes the noise: no prediction is surer than the floor allows
+    assert spread[0.1] >= np.sqrt(0.1) > spread[1e-4]
+
+
 def test_refit_reuses_the_model_and_subsamples_rows() -> None:
     history = _history(40)
     rows, y, _ = history.training_rows()

@@ -93,6 +93,7 @@ class FitSettings:
     weight_steps: int = 20  # steps of a full fit in which the weight encoder learns too
     weight_graphs: int = 16  # graphs the weight encoder learns from per such step
     dtype: torch.dtype = torch.float64
+    noise_floor: float = 1e-4  # lower bound of the GP's noise variance (standardized units)
 
 
 class DeepKernelSurrogate:
@@ -203,7 +204,7 @@ class DeepKernelSurrogate:
             max_graphs=self.settings.weight_graphs,
         )
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
-            noise_constraint=gpytorch.constraints.GreaterThan(1e-4)
+            noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
         model = _ExactDKGP(inputs, y, likelihood, extractor, self.input_kernel).to(device=self.device, dtype=self.dtype)
         if extractor.weights is not None:
