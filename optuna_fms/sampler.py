@@ -46,7 +46,8 @@ class FMSSampler(BaseSampler):
             default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
             Weights are read from checkpoints saved with ``architecture=`` and from
             :func:`optuna_fms.register_pretrained`.
-        fit_settings: Surrogate training schedule (full fits and refinements).
+        fit_settings: How the surrogate is trained: full fits, refinements and the floor of its
+            noise variance (``FitSettings.noise_floor``).
         ordered_choices: Also encode a categorical of numbers (say ``[0.003, 0.01, 0.03]``) by its
             rank, so the surrogate can carry what it learns about one level to the next; off by
             default, since Optuna's categoricals are unordered.
