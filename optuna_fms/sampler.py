@@ -41,7 +41,9 @@ class FMSSampler(BaseSampler):
         pool_size: Random new configurations scored per decision.
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
         target: ``"next"`` (default): DyHPO's and FMS's expected improvement one step ahead;
-            ``"final"``: EI of the forecast at the deepest step seen so far, per step still needed.
+            ``"horizon"``: EI at a horizon drawn afresh for each decision (ifBO's hedge against
+            favouring fast starters); ``"final"``: EI of the forecast at the deepest step seen so
+            far, per step still needed.
         weights: How the surrogate reads checkpointed weights: ``"gmn"`` (graph metanetwork,
             default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
             Weights are read from checkpoints saved with ``architecture=`` and from
@@ -76,8 +78,8 @@ class FMSSampler(BaseSampler):
         promotion_probability: float = 0.0,
         input_kernel: bool = False,
     ) -> None:
-        if target not in ("final", "next"):
-            raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
+        if target not in ("final", "next", "horizon"):
+            raise ValueError(f"target must be 'next', 'horizon' or 'final', got {target!r}.")
         if not 0.0 <= promotion_probability <= 1.0:
             raise ValueError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}.")
         settings = PolicySettings(
