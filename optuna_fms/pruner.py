@@ -88,6 +88,10 @@ class FMSPruner(BasePruner):
             self._decided[memo] = True
             return True
         decision = self._decide(study, trial)
+        if decision.action == "superseded":
+            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, decision.reason)
+            self._decided[memo] = True
+            return True
         frozen = decision.action == "freeze"
         if frozen:
             study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FROZEN, decision.reason)
@@ -104,11 +108,17 @@ class FMSPruner(BasePruner):
             policy, lock, graphs = sampler.policy, sampler.lock, sampler.graph_source
         else:
             policy, lock, graphs = self._own, self._own_lock, self._own_graphs
+        view = lin_mod.study_view(study, sampler.recovery if shared else None)
         with lock:
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False), view)
             mine = lin_mod.find_lineage(lineages, trial.number)
             if mine is None:
                 return Decision("continue", reason="trial not found")
+            if mine.tail.number != trial.number:
+                # NOTE: its lease expired and another trial resumed the lineage: this one is a
+                # zombie (a worker slower than the lease), so it stops here.
+                return Decision("superseded", reason=f"superseded: trial {mine.tail.number} resumed this lineage")
+            lin_mod.renew_lease(study, trial, view)
             resumable = shared and bool(mine.checkpoints)
             if shared and not mine.checkpoints:
                 warn_once(
