@@ -353,6 +353,9 @@ def detach(study: Study, trial: FrozenTrial, reason: str) -> None:
     """Cut a retry loose from the lineage it retried: it runs as a new lineage of its own."""
     set_system_attr(study, trial, DETACHED, reason)
     set_system_attr(study, trial, PARENT, None)
+    set_system_attr(study, trial, RESUME, None)
+    for key in [k for k in trial.system_attrs if k.startswith(CHECKPOINT_PREFIX)]:
+        set_system_attr(study, trial, key, None)  # NOTE: copied from the failed trial, not its own
     set_user_attr(study, trial, USER_LINEAGE, trial.number)
     set_user_attr(study, trial, USER_PARENT, None)
     set_user_attr(study, trial, USER_START_STEP, 0)
