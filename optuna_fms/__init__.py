@@ -1,5 +1,6 @@
 """optuna-fms: Forecasting Model Search, checkpoint-aware freeze-thaw HPO as an Optuna sampler and pruner."""
 
+from optuna_fms._retry import StorageUnavailable
 from optuna_fms.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -32,4 +33,5 @@ __all__ = [
     "register_pretrained",
     "describe_architecture",
     "save_checkpoint",
+    "StorageUnavailable",
 ]

@@ -24,6 +24,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 import torch
 
 from optuna_fms import lineage as lineage_mod
+from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
 from optuna_fms.lineage import CheckpointRecord
 
@@ -330,7 +331,7 @@ def load_checkpoint(
     ``study.optimize`` goes on.
     """
     study = trial.study
-    frozen = study._storage.get_trial(trial._trial_id)
+    frozen = with_backoff("read the trial", lambda: study._storage.get_trial(trial._trial_id))
     lin = lineage_mod.lineage_of(study, trial.number)
     if lin is None or not lin.checkpoints and lineage_mod.resume_record(frozen) is None:
         if lin is not None and lin.n_thaws:
@@ -440,7 +441,10 @@ def _where(record: CheckpointRecord) -> str:
 def _download_verified(store: ArtifactStore, record: CheckpointRecord, path: str) -> str:
     """Download ``record`` to ``path`` and check its size and SHA-256; CheckpointError if not."""
     try:
-        download_artifact(artifact_store=store, file_path=path, artifact_id=record.artifact_id)
+        # NOTE: a lost connection is retried, never taken for a missing file (that would mark
+        # a good checkpoint bad); StorageUnavailable after the last try.
+        with_backoff(f"download the {_where(record)}", lambda: download_artifact(
+            artifact_store=store, file_path=path, artifact_id=record.artifact_id))
     except (ArtifactNotFound, FileNotFoundError, OSError) as err:
         raise CheckpointError(f"The {_where(record)} is missing from the artifact store: {err}") from err
     if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna_fms._retry import with_backoff
+
 if TYPE_CHECKING:
     from optuna.study import Study
 
@@ -105,7 +107,7 @@ def study_view(study: Study, recovery: RecoverySettings | None = None) -> StudyV
 
     if recovery is None:
         recovery = getattr(study.sampler, "recovery", None) or RecoverySettings()
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = study_attrs(study)
     bad = {k[len(BAD_CHECKPOINT_PREFIX) :]: str(v) for k, v in attrs.items() if k.startswith(BAD_CHECKPOINT_PREFIX)}
     failed = {}
     for k, v in attrs.items():
@@ -247,7 +249,27 @@ def build_lineages(
 
 def lineages(study: Study, view: StudyView | None = None) -> list[Lineage]:
     """Every configuration of ``study`` with its params, stitched curve, state, checkpoints, trials."""
-    return build_lineages(study.get_trials(deepcopy=False), view or study_view(study))
+    return build_lineages(all_trials(study), view or study_view(study))
+
+
+def all_trials(study: Study) -> list[FrozenTrial]:
+    """Every trial of ``study``, read through a short storage outage."""
+    return with_backoff("read the trials", lambda: study.get_trials(deepcopy=False))
+
+
+def study_attrs(study: Study) -> dict[str, Any]:
+    return with_backoff("read the study attrs", lambda: study._storage.get_study_system_attrs(study._study_id))
+
+
+def write_trial_attr(study: Study, trial_id: int, key: str, value: Any, *, user: bool = False) -> None:
+    """One trial attr, written through a short storage outage (a write of a whole value repeats safely)."""
+    storage = study._storage
+    write = storage.set_trial_user_attr if user else storage.set_trial_system_attr
+    with_backoff(f"write {key}", lambda: write(trial_id, key, value))
+
+
+def _write_study_attr(study: Study, key: str, value: Any) -> None:
+    with_backoff(f"write {key}", lambda: study._storage.set_study_system_attr(study._study_id, key, value))
 
 
 def best_lineage(study: Study, *, artifact_store: Any = None) -> Lineage | None:
@@ -266,7 +288,7 @@ def best_lineage(study: Study, *, artifact_store: Any = None) -> Lineage | None:
     sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
     scored.sort(key=lambda svl: sign * svl[0][1])  # best first; stable, so ties keep lineage order
     if not any(lin.checkpoints for lin in all_lineages) and not any(
-        k.startswith(BAD_CHECKPOINT_PREFIX) for k in study._storage.get_study_system_attrs(study._study_id)
+        k.startswith(BAD_CHECKPOINT_PREFIX) for k in study_attrs(study)
     ):
         return scored[0][1] if scored else None
     for (step, _), lin in scored:
@@ -300,29 +322,28 @@ def claim(study: Study, trial: FrozenTrial, parent_number: int, view: StudyView 
     thaw (no parent link, and no longer alive) blocks nobody.
     """
     view = view or study_view(study)
-    storage = study._storage
-    storage.set_trial_system_attr(trial._trial_id, CLAIM, parent_number)
+    write_trial_attr(study, trial._trial_id, CLAIM, parent_number)
     rivals = [
         t
-        for t in study.get_trials(deepcopy=False)
+        for t in all_trials(study)
         if t.number != trial.number
         and t.system_attrs.get(CLAIM) == parent_number
         and (t.system_attrs.get(PARENT) is not None or view.is_alive(t))
     ]
     if rivals:
-        storage.set_trial_system_attr(trial._trial_id, CLAIM, None)
+        write_trial_attr(study, trial._trial_id, CLAIM, None)
         return False
     return True
 
 
 def set_system_attr(study: Study, trial: FrozenTrial, key: str, value: Any) -> None:
     """Write through storage and into ``trial`` (the very object a new Trial keeps)."""
-    study._storage.set_trial_system_attr(trial._trial_id, key, value)
+    write_trial_attr(study, trial._trial_id, key, value)
     trial.system_attrs[key] = value
 
 
 def set_user_attr(study: Study, trial: FrozenTrial, key: str, value: Any) -> None:
-    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+    write_trial_attr(study, trial._trial_id, key, value, user=True)
     trial.user_attrs[key] = value
 
 
@@ -383,30 +404,28 @@ def resume_record(trial: FrozenTrial) -> CheckpointRecord | None:
 
 def mark_bad_checkpoint(study: Study, record: CheckpointRecord, reason: str) -> None:
     """Every worker skips this checkpoint from now on (study attrs stay writable)."""
-    study._storage.set_study_system_attr(study._study_id, f"{BAD_CHECKPOINT_PREFIX}{record.artifact_id}", reason)
+    _write_study_attr(study, f"{BAD_CHECKPOINT_PREFIX}{record.artifact_id}", reason)
 
 
 def mark_lineage_failed(study: Study, lineage: Lineage, reason: str) -> None:
     """The lineage never runs again, though its tail is finished (immutable)."""
-    study._storage.set_study_system_attr(study._study_id, f"{LINEAGE_FAILED_PREFIX}{lineage.id}", reason)
+    _write_study_attr(study, f"{LINEAGE_FAILED_PREFIX}{lineage.id}", reason)
 
 
 def record_checkpoint(study: Study, trial_id: int, record: CheckpointRecord) -> None:
-    study._storage.set_trial_system_attr(trial_id, f"{CHECKPOINT_PREFIX}{record.step:09d}", record.to_json())
+    write_trial_attr(study, trial_id, f"{CHECKPOINT_PREFIX}{record.step:09d}", record.to_json())
 
 
 def record_pretrained(study: Study, param: str, value: Any, record: CheckpointRecord) -> None:
     """Register the checkpoint a configuration with ``param == value`` starts from."""
-    study._storage.set_study_system_attr(
-        study._study_id, f"{PRETRAINED_PREFIX}{param}:{json.dumps(value)}", record.to_json()
-    )
+    _write_study_attr(study, f"{PRETRAINED_PREFIX}{param}:{json.dumps(value)}", record.to_json())
 
 
 def pretrained_records(study: Study) -> dict[tuple[str, Any], CheckpointRecord]:
     """(param, value) -> the registered starting checkpoint, for every registration of the study."""
     out = {}
     # NOTE: in key order, whatever order the storage returns: the surrogate's graph table follows it
-    for key, raw in sorted(study._storage.get_study_system_attrs(study._study_id).items()):
+    for key, raw in sorted(study_attrs(study).items()):
         if key.startswith(PRETRAINED_PREFIX) and isinstance(raw, str):
             param, _, value = key[len(PRETRAINED_PREFIX) :].partition(":")
             try:

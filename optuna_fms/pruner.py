@@ -83,19 +83,21 @@ class FMSPruner(BasePruner):
         value = trial.intermediate_values[step]
         if not math.isfinite(value):
             reason = f"step {step} reported {value}"
-            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FAILED, reason)
-            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}")
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FAILED, reason)
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}", user=True)
             self._decided[memo] = True
             return True
         decision = self._decide(study, trial)
         if decision.action == "superseded":
-            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, decision.reason)
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, decision.reason, user=True)
             self._decided[memo] = True
             return True
         frozen = decision.action == "freeze"
         if frozen:
-            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FROZEN, decision.reason)
-            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}")
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FROZEN, decision.reason)
+            lin_mod.write_trial_attr(
+                study, trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}", user=True
+            )
         self._decided[memo] = frozen
         return frozen
 
@@ -110,7 +112,7 @@ class FMSPruner(BasePruner):
             policy, lock, graphs = self._own, self._own_lock, self._own_graphs
         view = lin_mod.study_view(study, sampler.recovery if shared else None)
         with lock:
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False), view)
+            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
             mine = lin_mod.find_lineage(lineages, trial.number)
             if mine is None:
                 return Decision("continue", reason="trial not found")

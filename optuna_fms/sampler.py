@@ -140,7 +140,7 @@ class FMSSampler(BaseSampler):
                     "longer thawed, and other parameters are sampled independently.",
                 )
             self._last_space = space
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False), view)
+            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
             max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
             history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
             new_step = 0 if can_thaw or not max_steps else max_steps - 1
@@ -171,7 +171,7 @@ class FMSSampler(BaseSampler):
         left to continue (lost claim, failed lineage, no readable checkpoint) it is cut loose and
         runs its copied params from scratch as a lineage of its own.
         """
-        lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False), view, exclude=trial.number)
+        lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view, exclude=trial.number)
         failed_number = lin_mod.predecessor(trial)
         lineage = lin_mod.find_lineage(lineages, failed_number) if failed_number is not None else None
         why = None

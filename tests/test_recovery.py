@@ -443,3 +443,70 @@ def test_a_parameter_added_mid_study_is_drawn_once_per_lineage(tmp_path, store) 
     assert lin.params["x"] == 0.9 and "wd" not in lin.trials[0].params
     old_worker.optimize(objective_one_segment, n_trials=1)  # the old worker continues it without wd
     assert by_root(old_worker)[names["A"]].steps == [0, 1, 2, 3, 4]
+
+
+# --- a storage that is away for a moment -----------------------------------------------------
+
+
+class FlakyStorage(optuna.storages.InMemoryStorage):
+    """Refuses the next ``outage`` reads and writes of attrs and trials, as a dropped connection would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = 0
+
+    def _maybe_fail(self) -> None:
+        if self.outage > 0:
+            self.outage -= 1
+            raise ConnectionError("connection refused")
+
+    def set_trial_system_attr(self, trial_id, key, value) -> None:
+        self._maybe_fail()
+        super().set_trial_system_attr(trial_id, key, value)
+
+    def get_study_system_attrs(self, study_id):
+        self._maybe_fail()
+        return super().get_study_system_attrs(study_id)
+
+
+def test_a_short_storage_outage_is_ridden_out_and_a_long_one_is_a_clear_error(store, monkeypatch) -> None:
+    from optuna_fms import _retry
+
+    slept: list[float] = []
+    monkeypatch.setattr(_retry.time, "sleep", slept.append)
+    storage = FlakyStorage()
+    study = make_study(storage, store)
+    names = seed_study(study)
+    storage.outage = 3
+    study.optimize(objective, n_trials=1)  # the thaw goes through once the storage answers
+    assert slept == list(_retry.DELAYS[:3])
+    assert by_root(study)[names["A"]].state == "finished"
+
+    storage.outage = 1000
+    slept.clear()
+    with pytest.raises(optuna_fms.StorageUnavailable, match="no answer after 7 tries"):
+        study.optimize(objective, n_trials=1)
+    assert slept == list(_retry.DELAYS)
+
+
+def test_a_lost_connection_to_the_artifact_store_never_marks_a_checkpoint_bad(store, monkeypatch) -> None:
+    from optuna_fms import _retry
+
+    monkeypatch.setattr(_retry.time, "sleep", lambda _: None)
+    study = make_study(None, store)
+    names = seed_study(study)
+    record = by_root(study)[names["A"]].checkpoints[0]
+    real_open = store.open_reader
+    calls = []
+
+    def unreachable(artifact_id):
+        calls.append(artifact_id)
+        raise ConnectionError("artifact server unreachable")
+
+    monkeypatch.setattr(store, "open_reader", unreachable)
+    with pytest.raises(optuna_fms.StorageUnavailable):
+        optuna_fms.read_checkpoint(study, record, artifact_store=store)
+    assert len(calls) == len(_retry.DELAYS) + 1
+    monkeypatch.setattr(store, "open_reader", real_open)
+    assert optuna_fms.checkpoints.verify_checkpoint(study, record, artifact_store=store) is None
+    assert not any(k.startswith(lin_mod.BAD_CHECKPOINT_PREFIX) for k in lin_mod.study_attrs(study))
