@@ -364,6 +364,10 @@ def mark_thaw(
     if resume is not None:
         set_system_attr(study, trial, RESUME, resume.to_json(with_owner=True))
         set_user_attr(study, trial, USER_RESUME, f"trial {resume.trial_number}, step {resume.step}")
+        newest = lineage.checkpoint_at_or_before(None)
+        if newest is not None and newest.artifact_id != resume.artifact_id:
+            set_user_attr(study, trial, USER_FALLBACK, f"the checkpoint at step {newest.step} of trial "
+                          f"{newest.trial_number} is unusable; resumed from step {resume.step}")
     set_user_attr(study, trial, USER_LINEAGE, lineage.id)
     set_user_attr(study, trial, USER_PARENT, parent)
     set_user_attr(study, trial, USER_START_STEP, start)

@@ -316,6 +316,7 @@ def test_a_bad_newest_checkpoint_falls_back_to_the_newest_good_one(store, how) -
     assert resumed.system_attrs[lin_mod.PARENT] == e and resumed.state == TrialState.COMPLETE
     assert resumed.user_attrs[lin_mod.USER_START_STEP] == 1  # after the good step 0
     assert resumed.user_attrs[lin_mod.USER_RESUME] == f"trial {e}, step 0"
+    assert resumed.user_attrs[lin_mod.USER_FALLBACK].startswith(f"the checkpoint at step 1 of trial {e} is unusable")
     marks = study._storage.get_study_system_attrs(study._study_id)
     assert f"{lin_mod.BAD_CHECKPOINT_PREFIX}{bad.artifact_id}" in marks
     lin = by_root(study)[e]
