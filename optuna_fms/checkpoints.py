@@ -333,13 +333,14 @@ def load_checkpoint(
     study = trial.study
     frozen = with_backoff("read the trial", lambda: study._storage.get_trial(trial._trial_id))
     lin = lineage_mod.lineage_of(study, trial.number)
-    if lin is None or not lin.checkpoints and lineage_mod.resume_record(frozen) is None:
-        if lin is not None and lin.n_thaws:
+    if lin is None:
+        return None
+    wanted = lineage_mod.resume_record(frozen) or lin.checkpoint_at_or_before(None)
+    if wanted is None:
+        if lin.n_thaws:
             warn_once(f"nockpt:{lin.id}", f"Trial {trial.number} continues lineage {lin.id}, "
                        "which has no checkpoint: it starts from scratch.")
         return None
-    wanted = lineage_mod.resume_record(frozen) or lin.checkpoint_at_or_before(None)
-    assert wanted is not None
     failures = []
     for record in _resume_candidates(lin, wanted):
         try:
