@@ -15,6 +15,7 @@ from optuna.distributions import (
 from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 
+from optuna_fms._retry import with_backoff
 from optuna_fms.engine.history import History, LineageRecord
 from optuna_fms.engine.space import Dimension, SearchSpace, is_number
 from optuna_fms.graph_source import GraphSource
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 def optuna_search_space(study: Study) -> dict[str, BaseDistribution]:
     """Parameters every finished or paused trial shares, with one distribution each."""
-    space = IntersectionSearchSpace(include_pruned=True).calculate(study)
+    space = with_backoff("read the search space", lambda: IntersectionSearchSpace(include_pruned=True).calculate(study))
     return {name: d for name, d in space.items() if not d.single()}
 
 
