@@ -10,6 +10,8 @@ from optuna_fms.checkpoints import (
     register_pretrained,
     save_checkpoint,
 )
+from optuna_fms import dashboard
+from optuna_fms.dashboard import DashboardPublisher
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
@@ -20,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "DashboardPublisher",
     "LineageLost",
     "CheckpointRecord",
     "FMSPruner",

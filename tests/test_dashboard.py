@@ -42,3 +42,36 @@ def test_dashboard_serves_lineages_and_checkpoints(tmp_path) -> None:
     from safetensors.torch import load
 
     assert any(key.startswith("model/") for key in load(body))  # the download is the checkpoint itself
+
+
+def test_dashboard_shows_the_lineage_figure_and_a_note_per_trial(tmp_path) -> None:
+    from optuna_dashboard import wsgi
+
+    from optuna_fms.dashboard import DashboardPublisher, FIGURE_ID, publish
+
+    storage = f"sqlite:///{tmp_path / 'fms.db'}"
+    study = optuna.create_study(
+        storage=storage, direction="maximize",
+        sampler=optuna_fms.FMSSampler(seed=0, n_startup_trials=3, pool_size=32), pruner=optuna_fms.FMSPruner(),
+    )
+    study.optimize(finetune_objective(3), n_trials=7, callbacks=[DashboardPublisher(every=3)])
+    publish(study)
+    app = wsgi(optuna.storages.RDBStorage(storage))
+    status, body = _get(app, f"/api/studies/{study._study_id}?after=0")
+    assert status.startswith("200")
+    detail = json.loads(body)
+    figures = {g["id"]: json.loads(g["graph_object"]) for g in detail["plotly_graph_objects"]}
+    assert list(figures) == [FIGURE_ID]  # refreshed in place, not one figure per refresh
+    figure = figures[FIGURE_ID]
+    lineages = optuna_fms.lineages(study)
+    best = optuna_fms.best_lineage(study)
+    names = [t.get("name", "") for t in figure["data"]]
+    assert f"lineage {best.id} (best)" in names
+    assert sum(n.startswith("lineage ") for n in names) == len([lin for lin in lineages if lin.curve])
+    thawed = [t for t in figure["data"] if t.get("name") == "thawed here"][0]
+    n_thaws = sum(lin.n_thaws for lin in lineages)
+    assert len(thawed.get("x", [])) == n_thaws
+    notes = {t["number"]: t["note"]["body"] for t in detail["trials"]}
+    for trial in study.trials:
+        assert notes[trial.number].startswith("## Lineage "), trial.number
+        assert f"| {trial.number} (this trial) |" in notes[trial.number]

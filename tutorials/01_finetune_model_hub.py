@@ -305,8 +305,11 @@ def main(argv: list[str] | None = None) -> dict:
             optuna_fms.register_pretrained(study, "model", name, start, architecture=architectures[name])
     print(f"Searching: {args.trials} trials, runs of {args.epochs} epochs", flush=True)
     t_search = time.perf_counter()
+    # DashboardPublisher refreshes optuna-dashboard's lineage figure every 10 trials and writes a
+    # note on each trial that tells its lineage's story; publish() once more at the end.
     study.optimize(make_objective(hub, data, args.epochs, args.seed, architectures), n_trials=args.trials,
-                   callbacks=[log_trial])
+                   callbacks=[log_trial, optuna_fms.DashboardPublisher(every=10)])
+    optuna_fms.dashboard.publish(study)
     search_s = time.perf_counter() - t_search
 
     # --- 5. What happened: lineages, freezes, thaws ----------------------------------------

@@ -1,0 +1,168 @@
+"""What optuna-dashboard shows of a freeze-thaw study: the lineage figure and one note per trial.
+
+``lineage_figure`` draws every lineage's curve stitched across its segments, with its thaws and
+freezes marked and the best lineage highlighted; ``publish`` stores it in the study (the
+dashboard's "Plots" tab) together with a note on each finished trial that summarizes its lineage.
+``DashboardPublisher`` does that every few trials, at a cost bounded by ``max_lineages``.
+Needs the optional ``plotly`` and ``optuna-dashboard`` packages (the ``[dashboard]`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from optuna_fms import lineage as lin_mod
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from optuna.study import Study
+
+FIGURE_ID = "fms-lineages"  # NOTE: a fixed id, so each refresh overwrites the figure in place
+
+
+def lineage_figure(study: Study, *, max_lineages: int = 40) -> go.Figure:
+    """Every lineage's stitched curve (the ``max_lineages`` best by their best value), thaws and
+    freezes marked, the best lineage drawn thick and coloured."""
+    import plotly.graph_objects as go
+
+    lineages = [lin for lin in lin_mod.lineages(study) if lin.curve]
+    direction = study.direction
+    ranked = sorted(lineages, key=lambda lin: _best_value(lin, direction), reverse=True)
+    shown = ranked[:max_lineages]
+    best = shown[0] if shown else None
+    fig = go.Figure()
+    thaw_x: list[int] = []
+    thaw_y: list[float] = []
+    freeze_x: list[int] = []
+    freeze_y: list[float] = []
+    for lin in reversed(shown):  # NOTE: the best last, so it is drawn on top
+        steps = lin.steps
+        values = [lin.curve[s] for s in steps]
+        is_best = lin is best
+        fig.add_trace(go.Scatter(
+            x=steps, y=values, mode="lines",
+            name=f"lineage {lin.id}" + (" (best)" if is_best else ""),
+            line={"width": 4 if is_best else 1, "color": "#d62728" if is_best else "rgba(90,90,90,0.45)"},
+            hovertext=f"lineage {lin.id} ({lin.state}): " + _params_text(lin.params),
+            showlegend=is_best,
+        ))
+        for trial in lin.trials:
+            seg = sorted(trial.intermediate_values)
+            if not seg:
+                continue
+            if lin_mod.predecessor(trial) is not None and seg[0] in lin.curve:
+                thaw_x.append(seg[0])
+                thaw_y.append(lin.curve[seg[0]])
+            if lin_mod.FROZEN in trial.system_attrs and seg[-1] in lin.curve:
+                freeze_x.append(seg[-1])
+                freeze_y.append(lin.curve[seg[-1]])
+    fig.add_trace(go.Scatter(x=thaw_x, y=thaw_y, mode="markers", name="thawed here",
+                             marker={"symbol": "triangle-up", "size": 8, "color": "#2ca02c"}))
+    fig.add_trace(go.Scatter(x=freeze_x, y=freeze_y, mode="markers", name="frozen here",
+                             marker={"symbol": "line-ew-open", "size": 10, "color": "#1f77b4"}))
+    hidden = len(lineages) - len(shown)
+    title = f"{len(lineages)} lineages" + (f" ({hidden} weaker ones not drawn)" if hidden else "")
+    if best is not None:
+        step, value = best.best(direction)
+        title += f"; best: lineage {best.id}, {value:.4g} at step {step}"
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="reported value")
+    return fig
+
+
+def lineage_note(lin: lin_mod.Lineage, trial: FrozenTrial, direction: StudyDirection) -> str:
+    """Markdown for one trial's note: its segment, its lineage's segments and why each ended."""
+    step, value = lin.best(direction)
+    lines = [
+        f"## Lineage {lin.id} ({lin.state})",
+        "",
+        f"Parameters: {_params_text(lin.params)}",
+        "",
+        f"Best value {value:.6g} at step {step}; {len(lin.curve)} steps in {len(lin.trials)} "
+        f"segment(s), {lin.n_thaws} thaw(s)." if value is not None else "No value reported yet.",
+        "",
+        "| trial | steps | ended |",
+        "|---:|---|---|",
+    ]
+    for t in lin.trials:
+        seg = sorted(t.intermediate_values)
+        span = f"{seg[0]}-{seg[-1]}" if seg else "-"
+        mark = " (this trial)" if t.number == trial.number else ""
+        lines.append(f"| {t.number}{mark} | {span} | {_ending(t)} |")
+    if lin.failure:
+        lines += ["", f"Failed: {lin.failure}"]
+    return "\n".join(lines)
+
+
+def publish(study: Study, *, max_lineages: int = 40, trials: Sequence[FrozenTrial] | None = None) -> None:
+    """Store the lineage figure in the study, and a note on each of ``trials`` (default: none)."""
+    import optuna_dashboard
+
+    optuna_dashboard.save_plotly_graph_object(study, lineage_figure(study, max_lineages=max_lineages),
+                                              graph_object_id=FIGURE_ID)
+    if trials:
+        by_trial = {t.number: lin for lin in lin_mod.lineages(study) for t in lin.trials}
+        for trial in trials:
+            lin = by_trial.get(trial.number)
+            if lin is not None:
+                _save_trial_note(study, trial, lineage_note(lin, trial, study.direction))
+
+
+class DashboardPublisher:
+    """An Optuna callback: refresh the lineage figure every ``every`` finished trials (and write
+    the finished trial's note), so optuna-dashboard shows the study as it runs.
+
+    ``study.optimize(objective, callbacks=[DashboardPublisher()])``; call :func:`publish` once
+    more after ``optimize`` for the final state.
+    """
+
+    def __init__(self, every: int = 5, *, max_lineages: int = 40) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every!r}.")
+        self.every = every
+        self.max_lineages = max_lineages
+        self._seen = 0
+
+    def __call__(self, study: Study, trial: FrozenTrial) -> None:
+        self._seen += 1
+        if self._seen % self.every == 0:
+            publish(study, max_lineages=self.max_lineages, trials=[trial])
+        else:
+            lin = lin_mod.lineage_of(study, trial.number)
+            if lin is not None:
+                _save_trial_note(study, trial, lineage_note(lin, trial, study.direction))
+
+
+def _save_trial_note(study: Study, trial: FrozenTrial, body: str) -> None:
+    # NOTE: optuna_dashboard.save_note takes a live Trial, and building one for a finished trial
+    # asks the sampler again; the note lives in study system attrs, written here the way save_note
+    # writes them (optuna-dashboard is pinned, so these keys are stable).
+    from optuna_dashboard._note import note_ver_key, save_note_with_version
+
+    version = study._storage.get_study_system_attrs(study._study_id).get(note_ver_key(trial._trial_id), 0) + 1
+    save_note_with_version(study._storage, study._study_id, trial._trial_id, version, body)
+
+
+def _best_value(lin: lin_mod.Lineage, direction: StudyDirection) -> float:
+    _, value = lin.best(direction)
+    if value is None or not math.isfinite(value):
+        return -math.inf
+    return value if direction == StudyDirection.MAXIMIZE else -value
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _ending(trial: FrozenTrial) -> str:
+    if trial.state == TrialState.COMPLETE:
+        return "finished"
+    if lin_mod.FAILED in trial.system_attrs:
+        return f"failed: {trial.system_attrs[lin_mod.FAILED]}"
+    if lin_mod.FROZEN in trial.system_attrs:
+        return f"frozen: {trial.system_attrs[lin_mod.FROZEN]}"
+    return trial.state.name.lower()
