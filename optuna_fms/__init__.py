@@ -11,6 +11,7 @@ from optuna_fms.checkpoints import (
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
+from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage
 from optuna_fms.sampler import FMSSampler
 
 __version__ = "0.1.0"
@@ -22,7 +23,10 @@ __all__ = [
     "FMSPruner",
     "FMSSampler",
     "Lineage",
+    "RetentionCallback",
+    "RetentionReport",
     "best_lineage",
+    "collect_garbage",
     "lineages",
     "load_checkpoint",
     "read_checkpoint",

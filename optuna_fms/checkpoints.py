@@ -348,6 +348,9 @@ def read_checkpoint(
         try:
             download_artifact(artifact_store=store, file_path=path, artifact_id=record.artifact_id)
         except (ArtifactNotFound, FileNotFoundError, OSError) as err:
+            reason = lineage_mod.deleted_checkpoints(study).get(record.artifact_id)
+            if reason is not None:
+                raise CheckpointError(f"The {where} was deleted on purpose ({reason}).") from err
             raise CheckpointError(f"The {where} is missing from the artifact store: {err}") from err
         if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:
             raise CheckpointError(f"The {where} is corrupt: its content does not match the recorded SHA-256.")

@@ -7,8 +7,8 @@ so the link lives on the child). This is the only module that knows that layout.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, replace
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,9 @@ FROZEN = "fms:frozen"  # why FMSPruner froze this trial
 FAILED = "fms:failed"  # why this lineage must never run again
 CHECKPOINT_PREFIX = "fms:checkpoint:"  # + zero-padded step -> JSON record of the artifact
 PRETRAINED_PREFIX = "fms:pretrained:"  # study attr: + param + ":" + JSON value -> JSON record
+# NOTE: a study attr, not a trial attr: the trials that own old checkpoints are finished, and
+# finished trials refuse every write.
+DELETED_PREFIX = "fms:deleted:"  # study attr: + artifact id -> JSON note of a checkpoint retention removed
 RETRIED_FROM = "failed_trial"  # Optuna's RetryHeartbeatStaleTrialCallback link
 USER_LINEAGE = "fms:lineage"
 USER_PARENT = "fms:parent"
@@ -141,8 +144,10 @@ def build_lineages(trials: Sequence[FrozenTrial]) -> list[Lineage]:
 
 
 def lineages(study: Study) -> list[Lineage]:
-    """Every configuration of ``study`` with its params, stitched curve, state, checkpoints, trials."""
-    return build_lineages(study.get_trials(deepcopy=False))
+    """Every configuration of ``study`` with its params, stitched curve, state, checkpoints, trials.
+
+    Checkpoints that retention deleted are left out."""
+    return without_deleted(build_lineages(study.get_trials(deepcopy=False)), deleted_checkpoints(study))
 
 
 def best_lineage(study: Study) -> Lineage | None:
@@ -229,6 +234,31 @@ def pretrained_records(study: Study) -> dict[tuple[str, Any], CheckpointRecord]:
             except (ValueError, KeyError, TypeError):
                 continue
     return out
+
+
+def record_deletion(study: Study, record: CheckpointRecord, reason: str) -> None:
+    """Note that the artifact of ``record`` was removed from the store, and why."""
+    note = {"trial": record.trial_number, "step": record.step, "size": record.size, "reason": reason}
+    study._storage.set_study_system_attr(study._study_id, f"{DELETED_PREFIX}{record.artifact_id}", json.dumps(note))
+
+
+def deleted_checkpoints(study: Study) -> dict[str, str]:
+    """artifact id -> why it was deleted, for every checkpoint retention removed from ``study``."""
+    out = {}
+    for key, raw in study._storage.get_study_system_attrs(study._study_id).items():
+        if key.startswith(DELETED_PREFIX):
+            try:
+                out[key[len(DELETED_PREFIX) :]] = str(json.loads(raw)["reason"])
+            except (ValueError, KeyError, TypeError):
+                out[key[len(DELETED_PREFIX) :]] = "deleted"
+    return out
+
+
+def without_deleted(lineages: Sequence[Lineage], deleted: Collection[str]) -> list[Lineage]:
+    """The same lineages without the checkpoints whose artifacts are in ``deleted``."""
+    if not deleted:
+        return list(lineages)
+    return [replace(lin, checkpoints=[c for c in lin.checkpoints if c.artifact_id not in deleted]) for lin in lineages]
 
 
 def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
