@@ -130,12 +130,15 @@ def test_protected_checkpoints_stay_above_max_bytes(study: optuna.Study) -> None
     assert _steps(study) == {0: [], 1: [1, 3], 2: [2], 3: [2], 4: []}
 
 
-def test_a_corrupt_newest_checkpoint_is_no_resume_point(study: optuna.Study) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "deleted by hand"])
+def test_a_damaged_newest_checkpoint_is_no_resume_point(study: optuna.Study, damage: str) -> None:
     frozen = optuna_fms.lineages(study)[2]
     newest = frozen.checkpoint_at_or_before(None)
-    (_folder(study) / newest.artifact_id).write_bytes(b"garbage")
-    optuna_fms.collect_garbage(study, keep_last=0)
-    assert _steps(study)[2] == [1]  # the newest good one is kept, the corrupt one went
+    path = _folder(study) / newest.artifact_id
+    path.write_bytes(b"garbage") if damage == "corrupt" else path.unlink()
+    report = optuna_fms.collect_garbage(study, keep_last=0)
+    assert newest in report.deleted and not path.exists()  # a missing file is noted as gone
+    assert _steps(study)[2] == [1]  # the newest good one is kept
     # a thaw of that lineage resumes from the checkpoint retention kept
     child = study.ask()
     lin_mod.mark_thaw(study, child._cached_frozen_trial, optuna_fms.lineages(study)[2], "test")
