@@ -15,6 +15,7 @@ import torch
 import optuna_fms
 from optuna_fms import lineage as lin_mod
 from optuna_fms._bridge import engine_space, make_history, optuna_search_space
+from optuna_fms.checkpoints import default_artifact_dir
 from optuna_fms.engine.history import Candidate
 from optuna_fms.engine.surrogate import FitSettings
 from optuna_fms.graph_source import GraphSource
@@ -51,9 +52,9 @@ def _lineage(study: optuna.Study, values: list[float], end: str, model: str = "g
 
 
 @pytest.fixture
-def study(tmp_path: Path) -> optuna.Study:
-    """Five lineages on SQLite (default artifact folder ``s-artifacts``) and a pretrained model."""
-    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}")
+def study() -> optuna.Study:
+    """Five lineages in memory (with the default artifact folder) and a pretrained model."""
+    study = optuna.create_study(direction="maximize")
     optuna_fms.register_pretrained(study, "model", "good", digits_task().pretrained["good"], architecture=ARCH)
     _lineage(study, [0.1, 0.2, 0.3, 0.4], "finished")  # 0: finished, mediocre
     _lineage(study, [0.5, 0.9, 0.7, 0.6], "finished")  # 1: the best lineage, best at step 1
@@ -64,9 +65,7 @@ def study(tmp_path: Path) -> optuna.Study:
 
 
 def _folder(study: optuna.Study) -> Path:
-    url = study._storage._backend.url if hasattr(study._storage, "_backend") else study._storage.url
-    db = Path(url[len("sqlite:///"):])
-    return db.with_name(db.stem + "-artifacts")
+    return default_artifact_dir(study._storage)
 
 
 def _steps(study: optuna.Study) -> dict[int, list[int]]:
@@ -180,11 +179,11 @@ def test_bad_settings_are_clear_errors(study: optuna.Study) -> None:
     assert len(list(_folder(study).iterdir())) == n
 
 
-def test_callback_keeps_a_freeze_thaw_study_resumable(tmp_path: Path) -> None:
+def test_callback_keeps_a_freeze_thaw_study_resumable() -> None:
     """A whole study with retention after each trial: thaws resume, disk stays bounded."""
     callback = optuna_fms.RetentionCallback(keep_last=1)
     study = optuna.create_study(
-        direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}",
+        direction="maximize",
         sampler=optuna_fms.FMSSampler(seed=0, weights=None, n_startup_trials=3, pool_size=32,
                                       fit_settings=FitSettings(full_steps=60, refine_steps=10)),
         pruner=optuna_fms.FMSPruner(max_steps=4),
