@@ -61,6 +61,11 @@ def _gp_median(seed: int, hub: Any):
             optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1))
 
 
+def _default(seed: int, hub: Any):
+    # NOTE: what a user gets from the plain constructors; only the seed and the run length are set.
+    return optuna_fms.FMSSampler(seed=seed), optuna_fms.FMSPruner(max_steps=hub.n_epochs)
+
+
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
          n_startup: int = 8, noise_floor: float | None = None) -> Factory:
@@ -82,6 +87,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("tpe-hyperband", _tpe_hyperband, note="TPE + HyperbandPruner(min 1, max n_epochs, eta 3)"),
     Method("tpe-sha", _tpe_sha, note="TPE + SuccessiveHalvingPruner(min 1, eta 3)"),
     Method("gp-median", _gp_median, note="GPSampler + MedianPruner(5 start-up trials, 1 warm-up step)"),
+    Method("default", _default, fms=True, weights="gmn",
+           note="FMSSampler(seed) + FMSPruner(max_steps): the product's default, whatever it is"),
     Method("dyhpo", _fms(weights=None, target="next"), fms=True,
            note="FMS engine as DyHPO: no weights, EI one step ahead"),
     Method("fms", _fms(weights=None, target="final"), fms=True,
@@ -115,6 +122,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as dyhpo, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
     Method("fms-gmn-next-n1", _fms(weights="gmn", target="next", noise_floor=1e-1), fms=True, weights="gmn",
            note="as fms-gmn-next, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
+    Method("dyhpo-h", _fms(weights=None, target="horizon"), fms=True,
+           note="as dyhpo, EI at a horizon drawn afresh for each decision (target='horizon')"),
+    Method("dyhpo-n1-h", _fms(weights=None, target="horizon", noise_floor=1e-1), fms=True,
+           note="dyhpo-n1 and dyhpo-h together"),
+    Method("fms-gmn-next-h", _fms(weights="gmn", target="horizon"), fms=True, weights="gmn",
+           note="as fms-gmn-next, EI at a random horizon (target='horizon')"),
+    Method("fms-gmn-next-n1-h", _fms(weights="gmn", target="horizon", noise_floor=1e-1), fms=True, weights="gmn",
+           note="fms-gmn-next-n1 and fms-gmn-next-h together"),
     Method("dyhpo-ord-ik", _fms(weights=None, target="next", ordered=True, input_kernel=True), fms=True,
            note="as dyhpo-ord, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
     Method("fms-gmn-next-ord-ik", _fms(weights="gmn", target="next", ordered=True, input_kernel=True), fms=True,

@@ -1,15 +1,17 @@
 """optuna-fms: Forecasting Model Search, checkpoint-aware freeze-thaw HPO as an Optuna sampler and pruner."""
 
+from optuna_fms._retry import StorageUnavailable
 from optuna_fms.checkpoints import (
     Checkpoint,
     CheckpointError,
+    LineageLost,
     load_checkpoint,
     read_checkpoint,
     register_pretrained,
     save_checkpoint,
 )
 from optuna_fms.graphs.build import describe_architecture
-from optuna_fms.lineage import CheckpointRecord, Lineage, best_lineage, lineages
+from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
 from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage
 from optuna_fms.sampler import FMSSampler
@@ -19,10 +21,12 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "LineageLost",
     "CheckpointRecord",
     "FMSPruner",
     "FMSSampler",
     "Lineage",
+    "RecoverySettings",
     "RetentionCallback",
     "RetentionReport",
     "best_lineage",
@@ -33,4 +37,5 @@ __all__ = [
     "register_pretrained",
     "describe_architecture",
     "save_checkpoint",
+    "StorageUnavailable",
 ]

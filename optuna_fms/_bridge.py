@@ -15,18 +15,11 @@ from optuna.distributions import (
 from optuna.search_space import IntersectionSearchSpace
 from optuna.study import StudyDirection
 
+from optuna_fms._retry import with_backoff
 from optuna_fms.engine.history import History, LineageRecord
 from optuna_fms.engine.space import Dimension, SearchSpace, is_number
 from optuna_fms.graph_source import GraphSource
-from optuna_fms.lineage import (
-    FINISHED,
-    FROZEN_STATE,
-    RUNNING,
-    Lineage,
-    deleted_checkpoints,
-    pretrained_records,
-    without_deleted,
-)
+from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage, pretrained_records
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -34,7 +27,7 @@ if TYPE_CHECKING:
 
 def optuna_search_space(study: Study) -> dict[str, BaseDistribution]:
     """Parameters every finished or paused trial shares, with one distribution each."""
-    space = IntersectionSearchSpace(include_pruned=True).calculate(study)
+    space = with_backoff("read the search space", lambda: IntersectionSearchSpace(include_pruned=True).calculate(study))
     return {name: d for name, d in space.items() if not d.single()}
 
 
@@ -74,9 +67,6 @@ def make_history(
     ``graph_source``) the parameter graphs of the checkpoints and registered pretrained weights."""
     sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
     pretrained = pretrained_records(study) if graph_source is not None else {}
-    # NOTE: a checkpoint retention deleted is no input any more: the rows that started from it read
-    # the newest kept checkpoint before it (else the pretrained weights), in every worker alike.
-    lineages = without_deleted(lineages, deleted_checkpoints(study))
     graphs = None
     if graph_source is not None:
         every = [r for lin in lineages for r in lin.checkpoints] + list(pretrained.values())

@@ -24,6 +24,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 import torch
 
 from optuna_fms import lineage as lineage_mod
+from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
 from optuna_fms.lineage import CheckpointRecord
 
@@ -41,6 +42,14 @@ USER_CHECKPOINT_STEP = "fms:checkpoint_step"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or cannot be written or restored."""
+
+
+class LineageLost(CheckpointError, optuna.TrialPruned):
+    """No checkpoint of the lineage a trial continues can be read or restored.
+
+    NOTE: a TrialPruned, so that ``study.optimize`` goes on: the trial ends PRUNED, its lineage
+    is marked failed (``fms:failed``) with this message, and the next trial decides afresh.
+    """
 
 
 @dataclass
@@ -311,27 +320,88 @@ def load_checkpoint(
     artifact_store: ArtifactStore | None = None,
     restore_rng: bool = True,
 ) -> Checkpoint | None:
-    """The newest checkpoint of the lineage ``trial`` continues, loaded into the given objects.
+    """The checkpoint the lineage ``trial`` continues resumes from, loaded into the given objects.
 
-    Returns None for a new configuration (nothing to resume). A missing or corrupt checkpoint
-    raises :class:`CheckpointError` naming trial and artifact, and marks the lineage failed so
-    it is never thawed again.
+    Returns None for a new configuration (nothing to resume). That checkpoint is the one
+    FMSSampler verified (``fms:resume``), else the lineage's newest. One that is missing,
+    corrupt or does not fit the given objects (another architecture) is recorded as bad and
+    the newest older good one is used instead, with a warning and the user attr
+    ``fms:fallback``; the objective then resumes from ``ckpt.step + 1``. When none is left,
+    the lineage is failed and :class:`LineageLost` (a ``TrialPruned``) ends this trial, so
+    ``study.optimize`` goes on.
     """
     study = trial.study
+    frozen = with_backoff("read the trial", lambda: study._storage.get_trial(trial._trial_id))
     lin = lineage_mod.lineage_of(study, trial.number)
-    record = lin.checkpoint_at_or_before(None) if lin is not None else None
-    if record is None:
-        if lin is not None and lin.n_thaws:
+    if lin is None:
+        return None
+    wanted = lineage_mod.resume_record(frozen) or lin.checkpoint_at_or_before(None)
+    if wanted is None:
+        if lin.n_thaws:
             warn_once(f"nockpt:{lin.id}", f"Trial {trial.number} continues lineage {lin.id}, "
                        "which has no checkpoint: it starts from scratch.")
         return None
-    try:
-        ckpt = read_checkpoint(study, record, artifact_store=artifact_store)
-    except CheckpointError as err:
-        study._storage.set_trial_system_attr(trial._trial_id, lineage_mod.FAILED, str(err))
-        raise
-    _restore(ckpt, model, optimizer, scheduler, restore_rng)
-    return ckpt
+    failures = []
+    for record in _resume_candidates(lin, wanted):
+        try:
+            ckpt = read_checkpoint(study, record, artifact_store=artifact_store)
+            _restore(ckpt, model, optimizer, scheduler, restore_rng)
+        except CheckpointError as err:
+            lineage_mod.mark_bad_checkpoint(study, record, str(err))
+            failures.append(str(err))
+            continue
+        if failures:
+            _say_fallback(study, frozen, wanted, record, failures)
+        return ckpt
+    reason = f"no checkpoint of lineage {lin.id} can be resumed: " + "; ".join(failures)
+    lineage_mod.mark_lineage_failed(study, lin, reason)
+    lineage_mod.set_system_attr(study, frozen, lineage_mod.FAILED, reason)
+    lineage_mod.set_user_attr(study, frozen, lineage_mod.USER_DECISION, f"failed: {reason}")
+    _logger.warning(reason)
+    raise LineageLost(reason)
+
+
+def _resume_candidates(lin: lineage_mod.Lineage, wanted: CheckpointRecord) -> list[CheckpointRecord]:
+    """``wanted``, then the lineage's older checkpoints, newest first."""
+    older = [c for c in lin.checkpoints if c.step < wanted.step and c.artifact_id != wanted.artifact_id]
+    return [wanted] + sorted(older, key=lambda c: (c.step, c.trial_number or -1), reverse=True)
+
+
+def _say_fallback(
+    study: Study, trial: Any, wanted: CheckpointRecord, used: CheckpointRecord, failures: list[str]
+) -> None:
+    note = (f"the checkpoint at step {wanted.step} of trial {wanted.trial_number} is unusable; resumed "
+            f"from step {used.step} of trial {used.trial_number}")
+    _logger.warning(f"Trial {trial.number}: {note} ({failures[0]}).")
+    lineage_mod.set_user_attr(study, trial, lineage_mod.USER_FALLBACK, note)
+    lineage_mod.set_user_attr(study, trial, lineage_mod.USER_START_STEP, used.step + 1)
+
+
+def verify_checkpoint(
+    study: Study, record: CheckpointRecord, *, artifact_store: ArtifactStore | None = None
+) -> str | None:
+    """None if the checkpoint's bytes are there and match their SHA-256, else why not."""
+    store = resolve_artifact_store(study, artifact_store)
+    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
+        try:
+            _download_verified(store, record, os.path.join(tmp, "checkpoint.safetensors"))
+        except CheckpointError as err:
+            return str(err)
+    return None
+
+
+def newest_good_checkpoint(
+    study: Study, lineage: lineage_mod.Lineage, *, artifact_store: ArtifactStore | None = None
+) -> CheckpointRecord | None:
+    """The newest checkpoint of ``lineage`` that verifies. Bad ones on the way are recorded
+    (so every worker skips them), and falling back says so in a warning."""
+    for record in sorted(lineage.checkpoints, key=lambda c: (c.step, c.trial_number or -1), reverse=True):
+        problem = verify_checkpoint(study, record, artifact_store=artifact_store)
+        if problem is None:
+            return record
+        lineage_mod.mark_bad_checkpoint(study, record, problem)
+        _logger.warning(f"Lineage {lineage.id}: {problem}; an older checkpoint is tried.")
+    return None
 
 
 def read_checkpoint(
@@ -341,25 +411,20 @@ def read_checkpoint(
     from safetensors import SafetensorError, safe_open
 
     store = resolve_artifact_store(study, artifact_store)
-    owner = "the study" if record.trial_number is None else f"trial {record.trial_number}"
-    where = f"checkpoint of {owner} at step {record.step} (artifact {record.artifact_id})"
     with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
-        path = os.path.join(tmp, "checkpoint.safetensors")
         try:
-            download_artifact(artifact_store=store, file_path=path, artifact_id=record.artifact_id)
-        except (ArtifactNotFound, FileNotFoundError, OSError) as err:
+            path = _download_verified(store, record, os.path.join(tmp, "checkpoint.safetensors"))
+        except CheckpointError as err:
             reason = lineage_mod.deleted_checkpoints(study).get(record.artifact_id)
-            if reason is not None:
-                raise CheckpointError(f"The {where} was deleted on purpose ({reason}).") from err
-            raise CheckpointError(f"The {where} is missing from the artifact store: {err}") from err
-        if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:
-            raise CheckpointError(f"The {where} is corrupt: its content does not match the recorded SHA-256.")
+            if reason is None:
+                raise
+            raise CheckpointError(f"The {_where(record)} was deleted on purpose ({reason}).") from err
         try:
             with safe_open(path, framework="pt") as f:
                 header = json.loads((f.metadata() or {})[_META_KEY])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, KeyError, ValueError, OSError) as err:
-            raise CheckpointError(f"The {where} cannot be parsed: {err}") from err
+            raise CheckpointError(f"The {_where(record)} cannot be parsed: {err}") from err
     state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     return Checkpoint(
         step=int(header["step"]),
@@ -373,6 +438,25 @@ def read_checkpoint(
         architecture=header.get("architecture"),
         rng_state=_decode(header.get("rng"), tensors),
     )
+
+
+def _where(record: CheckpointRecord) -> str:
+    owner = "the study" if record.trial_number is None else f"trial {record.trial_number}"
+    return f"checkpoint of {owner} at step {record.step} (artifact {record.artifact_id})"
+
+
+def _download_verified(store: ArtifactStore, record: CheckpointRecord, path: str) -> str:
+    """Download ``record`` to ``path`` and check its size and SHA-256; CheckpointError if not."""
+    try:
+        # NOTE: a lost connection is retried, never taken for a missing file (that would mark
+        # a good checkpoint bad); StorageUnavailable after the last try.
+        with_backoff(f"download the {_where(record)}", lambda: download_artifact(
+            artifact_store=store, file_path=path, artifact_id=record.artifact_id))
+    except (ArtifactNotFound, FileNotFoundError, OSError) as err:
+        raise CheckpointError(f"The {_where(record)} is missing from the artifact store: {err}") from err
+    if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:
+        raise CheckpointError(f"The {_where(record)} is corrupt: its content does not match the recorded SHA-256.")
+    return path
 
 
 def _restore(

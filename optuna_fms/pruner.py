@@ -83,15 +83,21 @@ class FMSPruner(BasePruner):
         value = trial.intermediate_values[step]
         if not math.isfinite(value):
             reason = f"step {step} reported {value}"
-            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FAILED, reason)
-            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}")
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FAILED, reason)
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}", user=True)
             self._decided[memo] = True
             return True
         decision = self._decide(study, trial)
+        if decision.action == "superseded":
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, decision.reason, user=True)
+            self._decided[memo] = True
+            return True
         frozen = decision.action == "freeze"
         if frozen:
-            study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FROZEN, decision.reason)
-            study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}")
+            lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FROZEN, decision.reason)
+            lin_mod.write_trial_attr(
+                study, trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}", user=True
+            )
         self._decided[memo] = frozen
         return frozen
 
@@ -104,11 +110,17 @@ class FMSPruner(BasePruner):
             policy, lock, graphs = sampler.policy, sampler.lock, sampler.graph_source
         else:
             policy, lock, graphs = self._own, self._own_lock, self._own_graphs
+        view = lin_mod.study_view(study, sampler.recovery if shared else None)
         with lock:
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
             mine = lin_mod.find_lineage(lineages, trial.number)
             if mine is None:
                 return Decision("continue", reason="trial not found")
+            if mine.tail.number != trial.number:
+                # NOTE: its lease expired and another trial resumed the lineage: this one is a
+                # zombie (a worker slower than the lease), so it stops here.
+                return Decision("superseded", reason=f"superseded: trial {mine.tail.number} resumed this lineage")
+            lin_mod.renew_lease(study, trial, view)
             resumable = shared and bool(mine.checkpoints)
             if shared and not mine.checkpoints:
                 warn_once(

@@ -2,9 +2,9 @@
 
 What is always kept (the *protected* checkpoints):
 
-- for every lineage that may still run (running, frozen, or failed without a non-finite report,
-  so a retry can resume it), its newest checkpoint whose bytes match the recorded SHA-256: the
-  one a thaw or a retry resumes from;
+- for every lineage that may still run (running or frozen; a crashed segment that left a
+  checkpoint counts as frozen until its retry limit), its newest checkpoint whose bytes match the
+  recorded SHA-256: the one a thaw or a retry resumes from;
 - for the ``keep_best`` best lineages (in the study's direction), the checkpoint of the best
   step and the newest one;
 - every registered pretrained model (study artifacts are never touched), and every artifact
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-import hashlib
 import logging
 import math
 import threading
@@ -34,7 +33,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.study import StudyDirection
 
 from optuna_fms import lineage as lin_mod
-from optuna_fms.checkpoints import resolve_artifact_store
+from optuna_fms.checkpoints import resolve_artifact_store, verify_checkpoint
 from optuna_fms.lineage import CheckpointRecord, Lineage
 
 if TYPE_CHECKING:
@@ -130,7 +129,7 @@ def _collect(
     def intact(record: CheckpointRecord) -> bool:
         if not verify or record.artifact_id in verified:
             return True
-        ok = _matches(store, record)
+        ok = verify_checkpoint(study, record, artifact_store=store) is None
         if ok:
             verified.add(record.artifact_id)
         return ok
@@ -261,11 +260,9 @@ def _protected(
 
 
 def _may_resume(lin: Lineage) -> bool:
-    """Running and frozen lineages resume; a failed one may be retried unless a report was NaN/inf
-    (a deterministic failure, it never runs again)."""
-    if lin.state in (lin_mod.RUNNING, lin_mod.FROZEN_STATE):
-        return True
-    return lin.state == lin_mod.FAILED_STATE and all(math.isfinite(v) for v in lin.curve.values())
+    """Running and frozen lineages resume (a crash with a checkpoint left is frozen again); failed
+    ones (NaN/inf, a retry limit reached) never run again."""
+    return lin.state in (lin_mod.RUNNING, lin_mod.FROZEN_STATE)
 
 
 def _badness(lineages: Iterable[Lineage], direction: StudyDirection) -> dict[int, int]:
@@ -279,19 +276,6 @@ def _badness(lineages: Iterable[Lineage], direction: StudyDirection) -> dict[int
 
 def _oriented(value: float, direction: StudyDirection) -> float:
     return value if direction == StudyDirection.MAXIMIZE else -value
-
-
-def _matches(store: ArtifactStore, record: CheckpointRecord) -> bool:
-    """Whether the stored bytes have the recorded size and SHA-256 (streamed; no temporary file)."""
-    h, size = hashlib.sha256(), 0
-    try:
-        with store.open_reader(record.artifact_id) as reader:
-            for chunk in iter(lambda: reader.read(1 << 20), b""):
-                h.update(chunk)
-                size += len(chunk)
-    except (ArtifactNotFound, FileNotFoundError):
-        return False
-    return size == record.size and h.hexdigest() == record.sha256
 
 
 def _check_settings(keep_last: int | None, max_bytes: int | None, keep_best: int) -> None:

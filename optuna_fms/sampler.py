@@ -41,7 +41,9 @@ class FMSSampler(BaseSampler):
         pool_size: Random new configurations scored per decision.
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
         target: ``"next"`` (default): DyHPO's and FMS's expected improvement one step ahead;
-            ``"final"``: EI of the forecast at the deepest step seen so far, per step still needed.
+            ``"horizon"``: EI at a horizon drawn afresh for each decision (ifBO's hedge against
+            favouring fast starters); ``"final"``: EI of the forecast at the deepest step seen so
+            far, per step still needed.
         weights: How the surrogate reads checkpointed weights: ``"gmn"`` (graph metanetwork,
             default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
             Weights are read from checkpoints saved with ``architecture=`` and from
@@ -57,6 +59,9 @@ class FMSSampler(BaseSampler):
         input_kernel: Add to the deep kernel a Matern-5/2 kernel with one lengthscale per input
             on the raw configuration encoding and budget: a smooth prior that needs no learned
             features, for the decisions made on little data.
+        recovery: How crashed segments come back: the lease that frees a lineage whose worker
+            died without Optuna's heartbeat, and how many crashes a lineage survives (see
+            :class:`optuna_fms.RecoverySettings`).
     """
 
     def __init__(
@@ -75,9 +80,10 @@ class FMSSampler(BaseSampler):
         ordered_choices: bool = False,
         promotion_probability: float = 0.0,
         input_kernel: bool = False,
+        recovery: lin_mod.RecoverySettings | None = None,
     ) -> None:
-        if target not in ("final", "next"):
-            raise ValueError(f"target must be 'final' or 'next', got {target!r}.")
+        if target not in ("final", "next", "horizon"):
+            raise ValueError(f"target must be 'next', 'horizon' or 'final', got {target!r}.")
         if not 0.0 <= promotion_probability <= 1.0:
             raise ValueError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}.")
         settings = PolicySettings(
@@ -93,6 +99,7 @@ class FMSSampler(BaseSampler):
         )
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
+        self.recovery = recovery or lin_mod.RecoverySettings()
         self.graph_source = GraphSource(artifact_store) if weights is not None else None
         self._independent = independent_sampler or RandomSampler(seed=seed)
         # NOTE: with n_jobs > 1 the threads share this object; the lock serializes decisions
@@ -107,8 +114,14 @@ class FMSSampler(BaseSampler):
         self._independent.reseed_rng()
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        view = lin_mod.study_view(study, self.recovery)
+        lin_mod.renew_lease(study, trial, view)  # NOTE: first: a retry inherits its dead trial's lease
+        if lin_mod.is_retry(trial):
+            with self.lock:
+                self._continue_retry(study, trial, view)
+            return
         if "fixed_params" in trial.system_attrs:
-            return  # enqueued or retried trials are decided already (GridSampler's rule)
+            return  # enqueued trials are decided already (GridSampler's rule)
         from optuna_fms.pruner import FMSPruner
 
         pruner = study.pruner
@@ -129,7 +142,7 @@ class FMSSampler(BaseSampler):
                     "longer thawed, and other parameters are sampled independently.",
                 )
             self._last_space = space
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
             max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
             history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
             new_step = 0 if can_thaw or not max_steps else max_steps - 1
@@ -140,8 +153,9 @@ class FMSSampler(BaseSampler):
                 if decision.action != "thaw" or decision.key is None:
                     break
                 chosen = by_id[decision.key]
-                if lin_mod.claim(study, trial, chosen.tail.number):
-                    lin_mod.mark_thaw(study, trial, chosen, decision.reason)
+                resume = self._verified_resume(study, chosen)
+                if resume is not None and lin_mod.claim(study, trial, chosen.tail.number, view):
+                    lin_mod.mark_thaw(study, trial, chosen, decision.reason, resume)
                     self._record_score(study, trial, decision.acquisition)
                     return
                 lost.add(decision.key)
@@ -150,6 +164,47 @@ class FMSSampler(BaseSampler):
             lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
             lin_mod.set_user_attr(study, trial, lin_mod.USER_DECISION, decision.reason)
             self._record_score(study, trial, decision.acquisition)
+
+    def _continue_retry(self, study: Study, trial: FrozenTrial, view: lin_mod.StudyView) -> None:
+        """A retry (Optuna's heartbeat callback) continues its own lineage and decides nothing.
+
+        NOTE: it claims the dead tail like any thaw, so that it never runs beside a thaw that
+        got there first; it resumes the lineage's newest verified checkpoint. With no lineage
+        left to continue (lost claim, failed lineage, no readable checkpoint) it is cut loose and
+        runs its copied params from scratch as a lineage of its own.
+        """
+        lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view, exclude=trial.number)
+        failed_number = lin_mod.predecessor(trial)
+        lineage = lin_mod.find_lineage(lineages, failed_number) if failed_number is not None else None
+        why = None
+        if lineage is None:
+            why = f"trial {failed_number} is not in the study"
+        elif lineage.state != lin_mod.FROZEN_STATE:
+            why = f"its lineage {lineage.id} is {lineage.state}" + (f" ({lineage.failure})" if lineage.failure else "")
+        else:
+            resume = self._verified_resume(study, lineage)
+            if resume is None:
+                why = f"lineage {lineage.id} has no readable checkpoint left"
+            elif not lin_mod.claim(study, trial, lineage.tail.number, view):
+                why = f"another trial continues lineage {lineage.id}"
+            else:
+                reason = (f"retry of trial {failed_number}: resumes lineage {lineage.id} from trial "
+                          f"{resume.trial_number}'s checkpoint at step {resume.step}")
+                lin_mod.mark_thaw(study, trial, lineage, reason, resume)
+                return
+        warn_once(f"retry-detached:{study._study_id}:{trial.number}",
+                  f"Trial {trial.number} retries trial {failed_number}, but {why}: it starts afresh.")
+        lin_mod.detach(study, trial, f"retry of trial {failed_number} starts afresh: {why}")
+
+    def _verified_resume(self, study: Study, lineage: lin_mod.Lineage) -> lin_mod.CheckpointRecord | None:
+        """The newest checkpoint of ``lineage`` that verifies; bad ones are recorded, and a
+        lineage with none left is failed."""
+        from optuna_fms.checkpoints import newest_good_checkpoint
+
+        resume = newest_good_checkpoint(study, lineage, artifact_store=self.artifact_store)
+        if resume is None:
+            lin_mod.mark_lineage_failed(study, lineage, "no readable checkpoint is left")
+        return resume
 
     @staticmethod
     def _record_score(study: Study, trial: FrozenTrial, acquisition: float | None) -> None:

@@ -159,8 +159,9 @@ def test_the_surrogate_reads_the_newest_kept_checkpoint_before_a_step(study: opt
     mediocre = optuna_fms.lineages(study)[0]
     assert start_graph(before, 0, 3) == mediocre.checkpoints[2].sha256
     report = optuna_fms.collect_garbage(study, keep_last=1)
-    # the sampler passes its own (unfiltered) lineages; make_history leaves out what was deleted
-    after = make_history(study, lin_mod.build_lineages(study.get_trials()), space, graph_source=source)
+    # the sampler's lineages (built with the study's view) leave out what was deleted
+    lineages = lin_mod.build_lineages(lin_mod.all_trials(study), lin_mod.study_view(study))
+    after = make_history(study, lineages, space, graph_source=source)
     gone = {r.sha256 for r in report.deleted}
     assert gone and not gone & set(after.graph_keys)
     assert pretrained in after.graph_keys

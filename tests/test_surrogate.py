@@ -206,3 +206,34 @@ def test_promotion_hedge_thaws_by_the_rule_only_with_its_probability() -> None:
     assert "successive halving" in decision.reason and decision.acquisition is None
     never = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST), seed=0)
     assert "successive halving" not in never.choose_next(history).reason
+
+
+def _slow_or_fast(config: dict, steps: int, rng: np.random.Generator) -> list[float]:
+    """arch "a" starts slowly and ends high (0.3 -> 0.9); arch "b" starts at its plateau (0.6)."""
+    if config["arch"] == "a":
+        return [0.9 - 0.6 * np.exp(-0.5 * s) + rng.normal(0, 0.003) for s in range(steps)]
+    return [0.6 + rng.normal(0, 0.003) for _ in range(steps)]
+
+
+def test_random_horizon_thaws_slow_starters_that_one_step_ahead_passes_over() -> None:
+    """EI one step ahead keeps choosing the fast starter; a random horizon also sees the climb."""
+    rng = np.random.default_rng(0)
+    lineages = []
+    for key, config in enumerate(SPACE.sample(24, rng)):
+        steps = 12 if key < 6 else 1  # a few full curves of each kind, then one-step runs
+        lineages.append(LineageRecord(key, config, list(range(steps)), _slow_or_fast(config, steps, rng),
+                                      thawable=steps < 12))
+    history = History(SPACE, lineages, max_steps=12)
+    slow = {lin.key for lin in lineages if lin.config["arch"] == "a" and len(lin.steps) == 1}
+    assert slow and len(slow) < len(lineages) - 6
+
+    def thaws_of_slow(target: str) -> int:
+        count = 0
+        for seed in range(3):
+            policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=0, n_local=0),
+                                      seed=seed)
+            decision = policy.choose_next(history)
+            count += decision.action == "thaw" and decision.key in slow
+        return count
+
+    assert thaws_of_slow("horizon") >= 2 > thaws_of_slow("next")
