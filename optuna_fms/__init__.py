@@ -15,6 +15,7 @@ from optuna_fms.dashboard import DashboardPublisher
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
+from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage
 from optuna_fms.sampler import FMSSampler
 
 __version__ = "0.1.0"
@@ -29,7 +30,10 @@ __all__ = [
     "FMSSampler",
     "Lineage",
     "RecoverySettings",
+    "RetentionCallback",
+    "RetentionReport",
     "best_lineage",
+    "collect_garbage",
     "lineages",
     "load_checkpoint",
     "read_checkpoint",

@@ -412,7 +412,13 @@ def read_checkpoint(
 
     store = resolve_artifact_store(study, artifact_store)
     with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
-        path = _download_verified(store, record, os.path.join(tmp, "checkpoint.safetensors"))
+        try:
+            path = _download_verified(store, record, os.path.join(tmp, "checkpoint.safetensors"))
+        except CheckpointError as err:
+            reason = lineage_mod.deleted_checkpoints(study).get(record.artifact_id)
+            if reason is None:
+                raise
+            raise CheckpointError(f"The {_where(record)} was deleted on purpose ({reason}).") from err
         try:
             with safe_open(path, framework="pt") as f:
                 header = json.loads((f.metadata() or {})[_META_KEY])

@@ -36,6 +36,9 @@ LEASE = "fms:lease"  # time.time() of the segment's last sign of life (claim, re
 RESUME = "fms:resume"  # JSON record of the checkpoint this segment resumes from
 DETACHED = "fms:detached"  # why a retry was cut loose from the lineage it retried
 BAD_CHECKPOINT_PREFIX = "fms:bad_checkpoint:"  # study attr: + artifact id -> why it is unusable
+# NOTE: a study attr, not a trial attr: the trials that own old checkpoints are finished, and
+# finished trials refuse every write.
+DELETED_PREFIX = "fms:deleted:"  # study attr: + artifact id -> JSON note of a checkpoint retention removed
 LINEAGE_FAILED_PREFIX = "fms:lineage_failed:"  # study attr: + root number -> why it never runs again
 USER_RESUME = "fms:resume"
 USER_FALLBACK = "fms:fallback"
@@ -79,6 +82,7 @@ class StudyView:
     heartbeat: bool = False  # Optuna fails stale RUNNING trials itself
     bad_checkpoints: Mapping[str, str] = field(default_factory=dict)  # artifact id -> reason
     failed_lineages: Mapping[int, str] = field(default_factory=dict)  # root number -> reason
+    deleted_checkpoints: Mapping[str, str] = field(default_factory=dict)  # artifact id -> why (retention)
 
     def is_alive(self, trial: FrozenTrial) -> bool:
         """A RUNNING segment that still works: heartbeat storage, or an unexpired lease."""
@@ -113,7 +117,8 @@ def study_view(study: Study, recovery: RecoverySettings | None = None) -> StudyV
     for k, v in attrs.items():
         if k.startswith(LINEAGE_FAILED_PREFIX) and k[len(LINEAGE_FAILED_PREFIX) :].isdigit():
             failed[int(k[len(LINEAGE_FAILED_PREFIX) :])] = str(v)
-    return StudyView(recovery, recovery.clock(), is_heartbeat_enabled(study._storage), bad, failed)
+    return StudyView(recovery, recovery.clock(), is_heartbeat_enabled(study._storage), bad, failed,
+                     _deleted_in(attrs))
 
 
 @dataclass(frozen=True)
@@ -439,6 +444,28 @@ def pretrained_records(study: Study) -> dict[tuple[str, Any], CheckpointRecord]:
     return out
 
 
+def record_deletion(study: Study, record: CheckpointRecord, reason: str) -> None:
+    """Note that the artifact of ``record`` was removed from the store, and why."""
+    note = {"trial": record.trial_number, "step": record.step, "size": record.size, "reason": reason}
+    _write_study_attr(study, f"{DELETED_PREFIX}{record.artifact_id}", json.dumps(note))
+
+
+def deleted_checkpoints(study: Study) -> dict[str, str]:
+    """artifact id -> why it was deleted, for every checkpoint retention removed from ``study``."""
+    return _deleted_in(study_attrs(study))
+
+
+def _deleted_in(attrs: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, raw in attrs.items():
+        if key.startswith(DELETED_PREFIX):
+            try:
+                out[key[len(DELETED_PREFIX) :]] = str(json.loads(raw)["reason"])
+            except (ValueError, KeyError, TypeError):
+                out[key[len(DELETED_PREFIX) :]] = "deleted"
+    return out
+
+
 def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
     out = []
     for key, raw in trial.system_attrs.items():
@@ -453,14 +480,14 @@ def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
 
 def _make_lineage(root: int, trials: list[FrozenTrial], view: StudyView, retry_pending: bool = False) -> Lineage:
     # NOTE: a retry copies its failed trial's system attrs, checkpoint records included, so
-    # records are de-duplicated by artifact; checkpoints found bad are left out.
+    # records are de-duplicated by artifact; checkpoints found bad or deleted are left out.
     seen: dict[str, CheckpointRecord] = {}
     curve: dict[int, float] = {}
     crashes = lost = 0
     params: dict[str, Any] = {}
     for t in trials:
         for rec in _checkpoints_of(t):
-            if rec.artifact_id not in view.bad_checkpoints:
+            if rec.artifact_id not in view.bad_checkpoints and rec.artifact_id not in view.deleted_checkpoints:
                 seen.setdefault(rec.artifact_id, rec)
         # NOTE: a parameter a later segment added (the search space grew) is drawn once and
         # then kept: the first segment that has it fixes it for the rest of the lineage.
