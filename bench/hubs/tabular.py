@@ -10,7 +10,8 @@ Layer or Batch norm; six residual MLPs of width 16-64 with 1-3 pre-LayerNorm blo
 (even ids) and once a fresh initialisation (odd ids) = 24 members.
 Grid = 8 members (four architectures, pretrained and scratch) x batch_size {8,32} x lr {0.01,0.03,0.1,0.3}
 x momentum {0.5,0.9} x weight_decay {1e-4,1e-2} x freeze_backbone {0,1} = 512 configs x 12 epochs.
-Built here (2 shared vCPUs, load ~5, 2 workers): see bench/README.md for the build time and curve statistics.
+Full build here: 333 s wall (zoo 80 s, fine-tuning 243 s) with 2 workers on 2 vCPUs shared with other
+jobs (load ~5); 239 MB of checkpoints. Curve statistics: bench/README.md (Hubs).
 Micro (``--micro``, for the tests): 4 members x 8 configs x 4 epochs on a 4,000-row source.
 
     python -m bench.hubs.tabular build [--micro] [--workers 2]
