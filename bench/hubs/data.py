@@ -1,6 +1,8 @@
-"""Offline image datasets that ship inside packages, with fixed deterministic splits.
+"""Offline datasets (images and tables that ship inside packages, and seeded synthetic token sequences)
+with fixed deterministic splits.
 
-All loaders return float32 arrays shaped ``(N, 1, H, W)`` with values in ``[0, 1]`` and int64 labels.
+Image loaders return float32 arrays shaped ``(N, 1, H, W)`` with values in ``[0, 1]``; tabular loaders
+float32 ``(N, F)``; token loaders int64 ``(N, L)`` token ids. Labels are int64.
 Nothing is downloaded: a missing package raises :class:`DatasetNotInstalled` naming the install command.
 Splits are drawn with a fixed ``numpy`` permutation, so they are identical on every machine.
 The ``test`` part of a :class:`Split` is held out: it is recorded for reporting, never used for decisions.
@@ -48,13 +50,13 @@ class Split:
 
 
 def _cut(name: str, x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, n_test: int,
-         seed: int, n_classes: int) -> Split:
+         seed: int, n_classes: int, dtype: type = np.float32) -> Split:
     """Permute with a fixed seed and cut consecutive train / val / test blocks."""
     if n_train + n_val + n_test > len(y):
         raise ValueError(f"{name}: {n_train}+{n_val}+{n_test} exceeds {len(y)} examples")
     p = np.random.default_rng(seed).permutation(len(y))
     a, b, c = n_train, n_train + n_val, n_train + n_val + n_test
-    f = lambda idx: np.ascontiguousarray(x[idx], dtype=np.float32)  # noqa: E731
+    f = lambda idx: np.ascontiguousarray(x[idx], dtype=dtype)  # noqa: E731
     g = lambda idx: np.ascontiguousarray(y[idx], dtype=np.int64)  # noqa: E731
     return Split(name, f(p[:a]), g(p[:a]), f(p[a:b]), g(p[a:b]), f(p[b:c]), g(p[b:c]), n_classes)
 
@@ -177,3 +179,94 @@ def digits_high_target() -> Split:
     x, y = sklearn_digits()
     keep = y >= 5
     return _cut("sklearn-digits-5to9", x[keep], y[keep] - 5, 500, 200, 184, seed=4, n_classes=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# tabular: scikit-learn's bundled diabetes table, disease progression in tertiles
+# NOTE: everything below uses only sorting, +, * and seeded draws (no BLAS, no SIMD transcendental
+# kernels whose last bits depend on the CPU), and the teacher weights are rounded, so the splits are
+# bit-identical on every machine.
+
+DIABETES_TEACHER = 122  # patients kept out of every target split: they define the source task
+
+
+def _diabetes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(standardised features [442, 10], progression, its tertile labels, row order): the order is a
+    fixed permutation whose first DIABETES_TEACHER rows are the source task's patients."""
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DatasetNotInstalled("the diabetes table needs scikit-learn: pip install scikit-learn") from e
+    x, target = load_diabetes(return_X_y=True)
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    y = np.searchsorted(np.quantile(target, [1 / 3, 2 / 3]), target, side="right")
+    return x, target, y.astype(np.int64), np.random.default_rng(20261203).permutation(len(y))
+
+
+def diabetes_source(n: int = 20000) -> Split:
+    """Pretraining source of the ``tabular`` hub: ``n`` synthetic patients (mixup of two of the 122
+    teacher patients plus Gaussian jitter) labelled by tertiles of a noisy linear score whose weights are
+    the teacher patients' feature-progression correlations: a cheap proxy of the real task."""
+    x, target, _, order = _diabetes()
+    teach = order[:DIABETES_TEACHER]
+    xt, yt = x[teach], (target[teach] - target[teach].mean()) / target[teach].std()
+    w = np.round((xt * yt[:, None]).mean(axis=0), 3)
+    rng = np.random.default_rng(5)
+    i, j = rng.integers(0, len(teach), n), rng.integers(0, len(teach), n)
+    lam = rng.random(n)[:, None]
+    xs = lam * xt[i] + (1 - lam) * xt[j] + 0.3 * rng.standard_normal((n, x.shape[1]))
+    score = (xs * w).sum(axis=1)
+    score = score + 0.5 * score.std() * rng.standard_normal(n)
+    ys = np.searchsorted(np.quantile(score, [1 / 3, 2 / 3]), score, side="right").astype(np.int64)
+    return _cut("diabetes-proxy", xs, ys, n - 2000, 1000, 1000, seed=6, n_classes=3)
+
+
+def diabetes_target() -> Split:
+    """Fine-tuning target of the ``tabular`` hub: real diabetes progression tertiles of the 320 patients
+    outside the teacher set, 120 train / 120 val / 80 held-out test: little data, so curves overfit."""
+    x, _, y, order = _diabetes()
+    rest = order[DIABETES_TEACHER:]
+    return _cut("sklearn-diabetes-tertiles", x[rest], y[rest], 120, 120, 80, seed=7, n_classes=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokens: a seeded synthetic language (no offline text data set ships in any package)
+
+TOKEN_VOCAB, TOKEN_LENGTH, TOKEN_CLASSES = 12, 16, 4
+_MARKERS, _TRIGGER = 4, 4  # tokens 0-3 are markers, 4 is the trigger, 5-11 are fillers
+
+
+def _token_sequences(n: int, seed: int) -> np.ndarray:
+    """``n`` sequences: each position is a trigger (p = 0.15), a marker (0.35) or a filler (0.5)."""
+    rng = np.random.default_rng(seed)
+    kind = rng.choice(3, size=(n, TOKEN_LENGTH), p=[0.15, 0.35, 0.5])
+    marker = rng.integers(0, _MARKERS, (n, TOKEN_LENGTH))
+    filler = rng.integers(_TRIGGER + 1, TOKEN_VOCAB, (n, TOKEN_LENGTH))
+    return np.where(kind == 0, _TRIGGER, np.where(kind == 1, marker, filler)).astype(np.int64)
+
+
+def _majority_marker(seqs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Most frequent marker among the masked positions (ties: the smallest marker)."""
+    counts = np.stack([((seqs == m) & mask).sum(axis=1) for m in range(_MARKERS)], axis=1)
+    return counts.argmax(axis=1).astype(np.int64)
+
+
+def tokens_source(n: int = 8000) -> Split:
+    """Pretraining source of the ``tokens`` hub: the most frequent marker in the whole sequence."""
+    seqs = _token_sequences(n, seed=11)
+    y = _majority_marker(seqs, np.ones_like(seqs, dtype=bool))
+    return _cut("tokens-majority", seqs, y, n - 2000, 1000, 1000, seed=12, n_classes=TOKEN_CLASSES,
+                dtype=np.int64)
+
+
+def tokens_target() -> Split:
+    """Fine-tuning target of the ``tokens`` hub, a related rule: the most frequent marker among the
+    tokens that directly follow a trigger (sequences with no such marker are dropped); 128 / 256 / 256."""
+    seqs = _token_sequences(1100, seed=13)
+    after = np.zeros_like(seqs, dtype=bool)
+    after[:, 1:] = seqs[:, :-1] == _TRIGGER
+    after &= seqs < _MARKERS
+    keep = after.any(axis=1)
+    y = _majority_marker(seqs, after)
+    return _cut("tokens-after-trigger", seqs[keep], y[keep], 128, 256, 256, seed=14, n_classes=TOKEN_CLASSES,
+                dtype=np.int64)

@@ -4,6 +4,9 @@
   -> Linear, so every parameter is a neuron-to-neuron weight (no spatial flatten; GMN/NFN-friendly).
 * :class:`MiniResNet` (BasicBlocks), :class:`TinyViT` (``nn.TransformerEncoderLayer``, batch_first, mean
   pooling) and :func:`mlp`, for the ``arch`` hub.
+* :func:`mlp` with a norm per hidden layer and :class:`ResMLP` (pre-LayerNorm residual blocks), for the
+  ``tabular`` hub; :class:`TokenTransformer` and :class:`TokenCNN` (``nn.Embedding`` over token ids), for
+  the ``tokens`` hub.
 
 :func:`build_model` makes any of them from a JSON-able spec ``{"family": ..., **kwargs}``; by convention
 the classification head is the last child module (``head_name``).
@@ -123,20 +126,103 @@ class TinyViT(nn.Module):
         return self.head(self.norm(tokens.mean(dim=1)))
 
 
+NORMS: dict[str, Callable[[int], nn.Module]] = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d}
+
+
 def mlp(in_features: int = 784, hidden: tuple[int, ...] = (32, 32), act: str = "relu",
-        n_classes: int = 10) -> nn.Sequential:
-    """Flatten -> (Linear, act) per hidden layer -> Linear."""
+        n_classes: int = 10, norm: str = "none") -> nn.Sequential:
+    """Flatten -> (Linear, [norm], act) per hidden layer -> Linear; ``norm`` is none, layer or batch."""
+    if norm != "none" and norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {['none', *sorted(NORMS)]}")
     layers: list[nn.Module] = [nn.Flatten()]
     c = in_features
     for h in hidden:
-        layers += [nn.Linear(c, h), _act(act)]
+        layers.append(nn.Linear(c, h))
+        if norm != "none":
+            layers.append(NORMS[norm](h))
+        layers.append(_act(act))
         c = h
     layers.append(nn.Linear(c, n_classes))
     return nn.Sequential(*layers)
 
 
+class ResidualMLPBlock(nn.Module):
+    """x + Linear(act(Linear(LayerNorm(x)))), the hidden layer ``expand`` times wider."""
+
+    def __init__(self, width: int, act: str = "relu", expand: int = 2) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width * expand)
+        self.act = _act(act)
+        self.fc2 = nn.Linear(width * expand, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ResMLP(nn.Module):
+    """Linear stem -> ``blocks`` residual MLP blocks -> LayerNorm -> Linear ``head`` (tabular inputs)."""
+
+    def __init__(self, in_features: int = 10, width: int = 32, blocks: int = 2, act: str = "relu",
+                 n_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*(ResidualMLPBlock(width, act) for _ in range(blocks)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x))))
+
+
+class TokenTransformer(nn.Module):
+    """Token and position ``nn.Embedding`` s -> ``depth`` pre-norm ``nn.TransformerEncoderLayer`` s
+    (batch_first) -> mean over positions -> LayerNorm -> Linear ``head``; input: int64 ``[batch, length]``."""
+
+    def __init__(self, vocab: int = 12, length: int = 20, dim: int = 32, depth: int = 2, heads: int = 4,
+                 mlp_ratio: int = 2, n_classes: int = 4) -> None:
+        super().__init__()
+        self.length = length
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(length, dim)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x) + self.pos(torch.arange(self.length, device=x.device))
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return self.head(self.norm(tokens.mean(dim=1)))
+
+
+class TokenCNN(nn.Module):
+    """Token ``nn.Embedding`` -> Conv1d blocks (kernel ``kernel``, same padding) -> average over positions
+    -> Linear ``head``; input: int64 ``[batch, length]``."""
+
+    def __init__(self, vocab: int = 12, dim: int = 16, width: int = 32, depth: int = 2, kernel: int = 3,
+                 act: str = "relu", n_classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        convs: list[nn.Module] = []
+        c = dim
+        for _ in range(depth):
+            convs += [nn.Conv1d(c, width, kernel, padding=kernel // 2), _act(act)]
+            c = width
+        self.convs = nn.Sequential(*convs)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.convs(self.embed(x).transpose(1, 2))))
+
+
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
-    "gap_cnn": gap_cnn, "resnet": MiniResNet, "vit": TinyViT, "mlp": mlp,
+    "gap_cnn": gap_cnn, "resnet": MiniResNet, "vit": TinyViT, "mlp": mlp, "resmlp": ResMLP,
+    "token_transformer": TokenTransformer, "token_cnn": TokenCNN,
 }
 
 

@@ -600,7 +600,8 @@ class HubTable:
         return _strip(self.data)
 
     def summary(self) -> dict[str, Any]:
-        """Benchmark quality: final-accuracy quartiles, dead fraction, rank correlation of early epochs."""
+        """Benchmark quality: final-accuracy quartiles, dead fraction, rank correlation of early epochs,
+        curves that peak and fall, and pretrained against from-scratch zoo members (when both exist)."""
         acc = np.array([r["val_acc"] for r in self._rows], dtype=float)
         final, best = acc[:, -1], acc.max(axis=1)
         chance = 1.0 / self.data["data"]["target"]["n_classes"]
@@ -612,6 +613,28 @@ class HubTable:
         }
         for e in sorted({1, 3, 6, self.n_epochs // 2} & set(range(1, self.n_epochs))):
             out[f"kendall_tau_epoch{e}_vs_final"] = round(kendall_tau(acc[:, e - 1], final), 3)
+        return {**out, **self._curve_shapes(acc)}
+
+    def _curve_shapes(self, acc: np.ndarray) -> dict[str, Any]:
+        """How curves end (peaks that fall, gaps between best and final) and what pretraining buys."""
+        best, final = acc.max(axis=1), acc[:, -1]
+        fall = best - final
+        peaked = acc.argmax(axis=1) < self.n_epochs - 1  # first best epoch before the last
+        out: dict[str, Any] = {
+            "best_val_acc_quantiles": [round(float(np.quantile(best, q)), 4) for q in (0, .25, .5, .75, 1)],
+            "frac_peak_before_last": round(float(peaked.mean()), 4),
+            "frac_fall_over_0.02": round(float((fall > 0.02).mean()), 4),
+            "frac_fall_over_0.05": round(float((fall > 0.05).mean()), 4),
+            "fall_quantiles_of_peaked": ([round(float(np.quantile(fall[peaked], q)), 4) for q in (.5, .9, 1)]
+                                         if peaked.any() else None),
+        }
+        pretrained = np.array([self.zoo[self.config(r["id"])["model"]].get("pretrain", {}).get("epochs", 1) > 0
+                               for r in self._rows])
+        if pretrained.any() and not pretrained.all():
+            for name, mask in (("pretrained", pretrained), ("scratch", ~pretrained)):
+                out[f"{name}_mean_val_acc_epoch1"] = round(float(acc[mask, 0].mean()), 4)
+                out[f"{name}_mean_best_val_acc"] = round(float(best[mask].mean()), 4)
+                out[f"{name}_max_val_acc"] = round(float(best[mask].max()), 4)
         return out
 
 
