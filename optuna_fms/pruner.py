@@ -85,6 +85,8 @@ class FMSPruner(BasePruner):
             reason = f"step {step} reported {value}"
             study._storage.set_trial_system_attr(trial._trial_id, lin_mod.FAILED, reason)
             study._storage.set_trial_user_attr(trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}")
+            warn_once(f"nan:{study._study_id}:{trial._trial_id}",
+                      f"Trial {trial.number} {reason}: its lineage is marked failed and never thawed.")
             self._decided[memo] = True
             return True
         decision = self._decide(study, trial)
