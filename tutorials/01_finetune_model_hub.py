@@ -27,7 +27,7 @@ Run it::
     python tutorials/01_finetune_model_hub.py                 # defaults: 150 trials, runs of 12 epochs
     python tutorials/01_finetune_model_hub.py --trials 20 --epochs 6 --out fms-demo
 
-then open the study it prints in optuna-dashboard (``pip install optuna-dashboard``).
+then open the study with the optuna-dashboard command it prints (installed by the ``tutorial`` extra).
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_acc = accuracy(model, data["test"])
 
     wall_s = time.perf_counter() - t0
-    dashboard = f"optuna-dashboard sqlite:///{db} --artifact-dir {artifacts}"
+    dashboard = f"{dashboard_executable()} sqlite:///{db} --artifact-dir {artifacts}"
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     print(f"""
 === Summary ===
@@ -365,6 +365,17 @@ Inspect the study (trials, learning curves, fms:* decisions, checkpoints):
         "wall_s": wall_s,
         "dashboard": dashboard,
     }
+
+
+def dashboard_executable() -> str:
+    """optuna-dashboard of this interpreter's environment: a fresh shell has no venv on its PATH."""
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.exists():
+        return "optuna-dashboard"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 if __name__ == "__main__":
