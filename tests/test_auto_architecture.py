@@ -252,3 +252,33 @@ def test_several_threads_save_modules_described_once(tmp_path, monkeypatch) -> N
     records = [r for lin in optuna_fms.lineages(study) for r in lin.checkpoints]
     assert len(records) == 24 and all(r.has_graph for r in records)
     assert len(calls) == 1
+
+
+def test_a_checkpoint_under_the_old_name_still_loads(tmp_path) -> None:
+    """Studies saved before readable names (``step-000003.safetensors``) load as before."""
+    from optuna_fms import checkpoints as ckpt_mod
+    from optuna_fms import lineage as lin_mod
+
+    study = _study(tmp_path)
+    trial = study.ask()
+    model = mlp()
+    header = {"format": ckpt_mod.FORMAT, "step": 3, "trial_number": trial.number, "metadata": {},
+              "optimizer": None, "scheduler": None, "rng": None, "architecture": None}
+    artifact_id, digest, size = ckpt_mod._write_and_upload(
+        study, trial, ckpt_mod._model_tensors(model), header, None, "step-000003", "old")
+    lin_mod.record_checkpoint(study, trial._trial_id, lin_mod.CheckpointRecord(
+        trial.number, trial._trial_id, 3, artifact_id, digest, size))
+    assert [m.filename for m in get_all_artifact_meta(trial)] == ["step-000003.safetensors"]
+    fresh = mlp()
+    assert optuna_fms.load_checkpoint(trial, fresh).step == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_nan_report_warns(caplog) -> None:
+    study = optuna.create_study(sampler=optuna_fms.FMSSampler(seed=0), pruner=optuna_fms.FMSPruner())
+    trial = study.ask()
+    trial.report(float("nan"), 0)
+    with caplog.at_level("WARNING", logger="optuna_fms"):
+        assert trial.should_prune()
+    assert [r.getMessage() for r in caplog.records] == [
+        "Trial 0 step 0 reported nan: its lineage is marked failed and never thawed."]
