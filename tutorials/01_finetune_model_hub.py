@@ -190,8 +190,7 @@ def build(hub: dict[str, HubEntry], name: str, *, lr: float, momentum: float, we
     return model, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int, seed: int,
-                   architectures: dict[str, dict] | None):
+def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int, seed: int):
     def objective(trial: optuna.Trial) -> float:
         # An ordinary search space. FMSSampler fills it with a new configuration, or, on a
         # thaw, with exactly the parameters of the frozen run it continues.
@@ -215,11 +214,10 @@ def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int
             train_epoch(model, opt, data["train"], batch_size, frozen_backbone=freeze_backbone)
             acc = accuracy(model, data["val"])
             # Save *before* reporting: the pruner may freeze this run at this very step, and a
-            # frozen run can only be thawed from a checkpoint. With its architecture, the
-            # surrogate also reads the weights themselves (a graph metanetwork embeds them).
-            optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt,
-                                       metadata={"val_acc": acc},
-                                       architecture=architectures[name] if architectures else None)
+            # frozen run can only be thawed from a checkpoint. Given the module, save_checkpoint
+            # describes its architecture (once per architecture), so the surrogate also reads
+            # the weights themselves (a graph metanetwork embeds them).
+            optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt, metadata={"val_acc": acc})
             trial.report(acc, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()  # with FMSPruner: the run is frozen, not lost
@@ -295,17 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
         # it from the first finished run), so a run is never frozen at its last epoch.
         pruner=optuna_fms.FMSPruner(max_steps=args.epochs),
     )
-    architectures = None
     if args.weights != "none":
-        # Describe each architecture once (torch.fx), and register every hub model's starting
-        # weights: configurations not tried yet are then scored by the weights they start from.
-        architectures = {name: optuna_fms.describe_architecture(entry.arch.build()) for name, entry in hub.items()}
+        # Register every hub model's starting weights: configurations not tried yet are then
+        # scored by the weights they start from.
         for name in hub:
             start, _ = build(hub, name, lr=0.1, momentum=0.0, weight_decay=0.0, freeze_backbone=False, seed=args.seed)
-            optuna_fms.register_pretrained(study, "model", name, start, architecture=architectures[name])
+            optuna_fms.register_pretrained(study, "model", name, start)
     print(f"Searching: {args.trials} trials, runs of {args.epochs} epochs", flush=True)
     t_search = time.perf_counter()
-    study.optimize(make_objective(hub, data, args.epochs, args.seed, architectures), n_trials=args.trials,
+    study.optimize(make_objective(hub, data, args.epochs, args.seed), n_trials=args.trials,
                    callbacks=[log_trial])
     search_s = time.perf_counter() - t_search
 
