@@ -24,6 +24,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "DashboardPublisher",
+    "dashboard",
     "LineageLost",
     "CheckpointRecord",
     "FMSPruner",

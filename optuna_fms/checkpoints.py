@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 import random
+import re
 import tempfile
 import threading
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import torch
 from optuna_fms import lineage as lineage_mod
 from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
+from optuna_fms.graphs.build import UnsupportedLayerError
 from optuna_fms.lineage import CheckpointRecord
 
 if TYPE_CHECKING:
@@ -140,18 +142,23 @@ def save_checkpoint(
 
     Optimizer and scheduler states are stored as tensors plus a JSON skeleton; the RNG states
     of torch, numpy and ``random`` are stored too (``save_rng``), so a thawed run continues
-    exactly. The step and a SHA-256 of the file are recorded on the trial. ``architecture``
-    is an optional description from :func:`optuna_fms.graphs.describe_architecture`, stored so
-    the weights can be read as a graph from the file alone.
+    exactly. The step and a SHA-256 of the file are recorded on the trial. The file is named by
+    lineage and step (``lineage-0017-step-0004.safetensors``, what optuna-dashboard shows).
 
-    NOTE: the architecture is not traced here: torch.fx patches ``nn.Module.__call__`` for the
-    whole process while it traces, which would break training in other threads (n_jobs > 1).
-    Describe the model once, before the study, and pass the description.
+    ``architecture`` (from :func:`optuna_fms.describe_architecture`) is stored so the weights can
+    be read as a graph from the file alone. Without it, a module is described here (torch.fx,
+    once per architecture, safe with ``n_jobs > 1``) and a plain state dict's description is
+    inferred from its names and shapes where they form a plain chain of layers
+    (:mod:`optuna_fms.graphs.infer`); when neither works, one warning says how to fix it and the
+    checkpoint is saved without a description.
     """
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}.")
     step = int(step)
+    study = trial.study
     tensors = _model_tensors(model_or_state_dict)
+    if architecture is None:
+        architecture = _found_architecture(study, model_or_state_dict)
     header = {
         "format": FORMAT,
         "step": step,
@@ -162,9 +169,9 @@ def save_checkpoint(
         "rng": _encode(_rng_state(), "rng", tensors) if save_rng else None,
         "architecture": dict(architecture) if architecture is not None else None,
     }
-    study = trial.study
+    name = f"lineage-{lineage_mod.lineage_label(trial):04d}-step-{step:04d}"
     artifact_id, digest, size = _write_and_upload(
-        study, trial, tensors, header, artifact_store, f"step-{step:06d}", f"of trial {trial.number} at step {step}"
+        study, trial, tensors, header, artifact_store, name, f"of trial {trial.number} at step {step}"
     )
     record = CheckpointRecord(trial.number, trial._trial_id, step, artifact_id, digest, size, architecture is not None)
     lineage_mod.record_checkpoint(study, trial._trial_id, record)
@@ -186,18 +193,60 @@ def register_pretrained(
     Typically one call per value of a categorical ``"model"`` parameter, before optimizing:
     the surrogate then scores configurations not yet started by their pretrained weights
     (without it, by a learned "no weights" embedding). Stored as a study artifact, so every
-    worker sees it.
+    worker sees it, named by the value (``pretrained-model=resnet_small.safetensors``). Without
+    ``architecture``, it is found as in :func:`save_checkpoint`.
     """
-    json.dumps(value)  # NOTE: the value becomes part of a JSON key; fail early if it cannot
+    shown = json.dumps(value)  # NOTE: the value becomes part of a JSON key; fail early if it cannot
     tensors = _model_tensors(model_or_state_dict)
+    if architecture is None:
+        architecture = _found_architecture(study, model_or_state_dict)
     header = {"format": FORMAT, "step": 0, "trial_number": None, "pretrained": [param, value],
               "architecture": dict(architecture) if architecture is not None else None}
     artifact_id, digest, size = _write_and_upload(
-        study, study, tensors, header, artifact_store, f"pretrained-{param}", f"pretrained for {param}={value!r}"
+        study, study, tensors, header, artifact_store,
+        _file_name(f"pretrained-{param}={value if isinstance(value, str) else shown}"),
+        f"pretrained for {param}={value!r}",
     )
     record = CheckpointRecord(None, None, 0, artifact_id, digest, size, architecture is not None)
     lineage_mod.record_pretrained(study, param, value, record)
     return record
+
+
+def _file_name(text: str, limit: int = 120) -> str:
+    """``text`` as a portable file name: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:limit]
+
+
+def _found_architecture(
+    study: Study, model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]
+) -> dict[str, Any] | None:
+    """The description of what is saved when none is given, or None (one warning per cause)."""
+    from optuna_fms.graphs.infer import NotInferableError, find_architecture
+
+    try:
+        return find_architecture(model_or_state_dict)
+    except (UnsupportedLayerError, NotInferableError) as err:
+        if not _reads_weights(study):
+            return None
+        if isinstance(model_or_state_dict, torch.nn.Module):
+            kind = type(model_or_state_dict).__name__
+            warn_once(f"describe:{type(model_or_state_dict).__qualname__}", (
+                f"The architecture of {kind} cannot be described ({err}), so FMSSampler reads no "
+                f"weights from its checkpoints. Pass architecture= with a description of a supported "
+                "equivalent model, or use FMSSampler(weights=None) to say so."))
+        else:
+            warn_once("infer-state-dict", (
+                f"The architecture of a state dict cannot be inferred from its names and shapes ({err}), "
+                "so FMSSampler reads no weights from its checkpoints. Pass the model itself "
+                "(save_checkpoint(trial, model, ...), register_pretrained(study, param, value, model)) "
+                "or architecture=optuna_fms.describe_architecture(model)."))
+        return None
+
+
+def _reads_weights(study: Study) -> bool:
+    from optuna_fms.sampler import FMSSampler
+
+    return not (isinstance(study.sampler, FMSSampler) and study.sampler.graph_source is None)
 
 
 def _model_tensors(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from optuna.study import Study
 
 
+# NOTE: a study this many checkpoints in with no graph will not get one by waiting; say so once.
+_SILENT_RECORDS = 5
+
+
 class GraphSource:
     """Builds the parameter graph of each checkpoint that carries an architecture, by content hash.
 
@@ -40,6 +44,7 @@ class GraphSource:
 
     def graphs(self, study: Study, records: Iterable[CheckpointRecord]) -> Mapping[str, ParameterGraph]:
         """sha256 -> graph for every usable record; new ones are read now, once."""
+        records = list(records)
         by_key = {r.sha256: r for r in records if r.has_graph and r.sha256 not in self._bad}
         for key, record in list(by_key.items()):
             if key in self._checked:
@@ -49,6 +54,13 @@ class GraphSource:
             else:
                 with self._lock:
                     self._checked.add(key)
+        if not by_key and len(records) >= _SILENT_RECORDS:
+            warn_once(f"no-graphs:{study._study_id}:{study.study_name}", (
+                f"The surrogate reads no weights in study {study.study_name!r}: none of its "
+                f"{len(records)} checkpoints carries a usable architecture description. Save the model "
+                "itself (save_checkpoint(trial, model, ...)) or pass "
+                "architecture=optuna_fms.describe_architecture(model); FMSSampler(weights=None) turns "
+                "weights off."))
         return _LazyGraphs(self, study, by_key)
 
     def _load(self, study: Study, record: CheckpointRecord) -> ParameterGraph | None:

@@ -352,6 +352,12 @@ def set_user_attr(study: Study, trial: FrozenTrial, key: str, value: Any) -> Non
     trial.user_attrs[key] = value
 
 
+def lineage_label(trial: Any) -> int:
+    """The lineage a running trial continues, as FMSSampler labelled it (else the trial's own number)."""
+    label = trial.user_attrs.get(USER_LINEAGE)
+    return int(label) if isinstance(label, int) else int(trial.number)
+
+
 def mark_thaw(
     study: Study, trial: FrozenTrial, lineage: Lineage, reason: str, resume: CheckpointRecord | None = None
 ) -> None:

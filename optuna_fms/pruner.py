@@ -85,6 +85,8 @@ class FMSPruner(BasePruner):
             reason = f"step {step} reported {value}"
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FAILED, reason)
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}", user=True)
+            warn_once(f"nan:{study._study_id}:{trial._trial_id}",
+                      f"Trial {trial.number} {reason}: its lineage is marked failed and never thawed.")
             self._decided[memo] = True
             return True
         decision = self._decide(study, trial)

@@ -36,6 +36,8 @@ def test_dashboard_serves_lineages_and_checkpoints(tmp_path) -> None:
     assert all("fms:lineage" in a for a in attrs) and any("fms:decision" in a for a in attrs)
     artifacts = [a for t in trials for a in t["artifacts"]]
     assert artifacts and all(a["mimetype"] == "application/x-safetensors" for a in artifacts)
+    # NOTE: the card optuna-dashboard draws shows the filename: lineage and step
+    assert "lineage-0000-step-0000.safetensors" in {a["filename"] for a in trials[0]["artifacts"]}
     first = trials[0]
     status, body = _get(app, f"/artifacts/{study._study_id}/{first['trial_id']}/{first['artifacts'][0]['artifact_id']}")
     assert status.startswith("200")

@@ -46,7 +46,10 @@ def test_finetune_model_hub_tutorial(tmp_path, capsys):
     assert summary["epochs_trained"] >= 12
 
     # The printed summary points at the dashboard with absolute paths.
-    command = f"optuna-dashboard sqlite:///{db.resolve()} --artifact-dir {artifacts.resolve()}"
+    # NOTE: the venv's own optuna-dashboard, so the command works in a fresh shell
+    exe = tutorial.dashboard_executable()
+    assert exe.endswith("optuna-dashboard") and Path(exe).exists()
+    command = f"{exe} sqlite:///{db.resolve()} --artifact-dir {artifacts.resolve()}"
     assert summary["dashboard"] == command
     assert command in printed
     assert "=== Summary ===" in printed

@@ -27,7 +27,7 @@ Run it::
     python tutorials/01_finetune_model_hub.py                 # defaults: 150 trials, runs of 12 epochs
     python tutorials/01_finetune_model_hub.py --trials 20 --epochs 6 --out fms-demo
 
-then open the study it prints in optuna-dashboard (``pip install optuna-dashboard``).
+then open the study with the optuna-dashboard command it prints (installed by the ``tutorial`` extra).
 """
 
 from __future__ import annotations
@@ -190,8 +190,7 @@ def build(hub: dict[str, HubEntry], name: str, *, lr: float, momentum: float, we
     return model, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int, seed: int,
-                   architectures: dict[str, dict] | None):
+def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int, seed: int):
     def objective(trial: optuna.Trial) -> float:
         # An ordinary search space. FMSSampler fills it with a new configuration, or, on a
         # thaw, with exactly the parameters of the frozen run it continues.
@@ -215,11 +214,10 @@ def make_objective(hub: dict[str, HubEntry], data: dict[str, Split], epochs: int
             train_epoch(model, opt, data["train"], batch_size, frozen_backbone=freeze_backbone)
             acc = accuracy(model, data["val"])
             # Save *before* reporting: the pruner may freeze this run at this very step, and a
-            # frozen run can only be thawed from a checkpoint. With its architecture, the
-            # surrogate also reads the weights themselves (a graph metanetwork embeds them).
-            optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt,
-                                       metadata={"val_acc": acc},
-                                       architecture=architectures[name] if architectures else None)
+            # frozen run can only be thawed from a checkpoint. Given the module, save_checkpoint
+            # describes its architecture (once per architecture), so the surrogate also reads
+            # the weights themselves (a graph metanetwork embeds them).
+            optuna_fms.save_checkpoint(trial, model, step=epoch, optimizer=opt, metadata={"val_acc": acc})
             trial.report(acc, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()  # with FMSPruner: the run is frozen, not lost
@@ -295,19 +293,17 @@ def main(argv: list[str] | None = None) -> dict:
         # it from the first finished run), so a run is never frozen at its last epoch.
         pruner=optuna_fms.FMSPruner(max_steps=args.epochs),
     )
-    architectures = None
     if args.weights != "none":
-        # Describe each architecture once (torch.fx), and register every hub model's starting
-        # weights: configurations not tried yet are then scored by the weights they start from.
-        architectures = {name: optuna_fms.describe_architecture(entry.arch.build()) for name, entry in hub.items()}
+        # Register every hub model's starting weights: configurations not tried yet are then
+        # scored by the weights they start from.
         for name in hub:
             start, _ = build(hub, name, lr=0.1, momentum=0.0, weight_decay=0.0, freeze_backbone=False, seed=args.seed)
-            optuna_fms.register_pretrained(study, "model", name, start, architecture=architectures[name])
+            optuna_fms.register_pretrained(study, "model", name, start)
     print(f"Searching: {args.trials} trials, runs of {args.epochs} epochs", flush=True)
     t_search = time.perf_counter()
     # DashboardPublisher refreshes optuna-dashboard's lineage figure every 10 trials and writes a
     # note on each trial that tells its lineage's story; publish() once more at the end.
-    study.optimize(make_objective(hub, data, args.epochs, args.seed, architectures), n_trials=args.trials,
+    study.optimize(make_objective(hub, data, args.epochs, args.seed), n_trials=args.trials,
                    callbacks=[log_trial, optuna_fms.DashboardPublisher(every=10)])
     optuna_fms.dashboard.publish(study)
     search_s = time.perf_counter() - t_search
@@ -335,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_acc = accuracy(model, data["test"])
 
     wall_s = time.perf_counter() - t0
-    dashboard = f"optuna-dashboard sqlite:///{db} --artifact-dir {artifacts}"
+    dashboard = f"{dashboard_executable()} sqlite:///{db} --artifact-dir {artifacts}"
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     print(f"""
 === Summary ===
@@ -368,6 +364,17 @@ Inspect the study (trials, learning curves, fms:* decisions, checkpoints):
         "wall_s": wall_s,
         "dashboard": dashboard,
     }
+
+
+def dashboard_executable() -> str:
+    """optuna-dashboard of this interpreter's environment: a fresh shell has no venv on its PATH."""
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.exists():
+        return "optuna-dashboard"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 if __name__ == "__main__":

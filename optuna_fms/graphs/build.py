@@ -176,9 +176,30 @@ _ADD_METHODS = {"add", "add_"}
 _SHAPE_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "type", "to_list"}
 
 
+# NOTE: torch.fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces.
+# One trace at a time (nested patches of two tracers would be undone out of order), and modules
+# called from other threads meanwhile (training with n_jobs > 1) run untouched.
+_TRACE_LOCK = threading.Lock()
+
+
 class _Tracer(torch.fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self._thread = threading.get_ident()
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return type(m) in _LEAVES or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def _qual(name: str) -> str:
@@ -356,7 +377,7 @@ def describe_architecture(module: nn.Module) -> dict[str, Any]:
 
     Lists the parametrized layers in data-flow order with their state-dict keys, and how neuron sets
     ("values") flow between them. Raises ``UnsupportedLayerError`` for layers or ops it cannot
-    encode.
+    encode. Safe to call while other threads run modules (see ``_TRACE_LOCK``).
     """
     _check_supported(module)
     d = _Describer()
@@ -368,7 +389,8 @@ def describe_architecture(module: nn.Module) -> dict[str, Any]:
         outputs = [out[0] if isinstance(out, tuple) else out]
     else:
         try:
-            graph = _Tracer().trace(module)
+            with _TRACE_LOCK:
+                graph = _Tracer().trace(module)
         except Exception as exc:  # noqa: BLE001 - fx raises many types
             raise UnsupportedLayerError(
                 f"torch.fx could not trace {type(module).__name__}: {exc}") from exc
