@@ -11,6 +11,7 @@ from optuna_fms.checkpoints import (
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
+from optuna_fms.rng import TrialRNG
 from optuna_fms.sampler import FMSSampler
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "FMSPruner",
     "FMSSampler",
     "Lineage",
+    "TrialRNG",
     "best_lineage",
     "lineages",
     "load_checkpoint",
