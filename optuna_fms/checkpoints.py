@@ -136,9 +136,10 @@ def save_checkpoint(
 
     Optimizer and scheduler states are stored as tensors plus a JSON skeleton; the RNG states
     of torch, numpy and ``random`` are stored too (``save_rng``), so a thawed run continues
-    exactly: the trial's own generators if given as ``rng``, else the process-wide ones. The step and a SHA-256 of the file are recorded on the trial. ``architecture``
-    is an optional description from :func:`optuna_fms.graphs.describe_architecture`, stored so
-    the weights can be read as a graph from the file alone.
+    exactly: the trial's own generators if given as ``rng``, else the process-wide ones. The
+    step and a SHA-256 of the file are recorded on the trial. ``architecture`` is an optional
+    description from :func:`optuna_fms.graphs.describe_architecture`, stored so the weights can
+    be read as a graph from the file alone.
 
     NOTE: the architecture is not traced here: torch.fx patches ``nn.Module.__call__`` for the
     whole process while it traces, which would break training in other threads (n_jobs > 1).
