@@ -24,6 +24,7 @@ import pytest
 import optuna_fms
 from optuna_fms.engine.surrogate import FitSettings
 
+pytestmark = pytest.mark.usefixtures("isolated_warnings")
 SMALL = FitSettings(full_steps=20, refine_steps=5)
 
 

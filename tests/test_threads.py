@@ -12,6 +12,7 @@ import optuna_fms
 from optuna_fms import lineage as lin_mod
 from optuna_fms.engine.surrogate import FitSettings
 
+pytestmark = pytest.mark.usefixtures("isolated_warnings")
 SPACE = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
 
