@@ -16,6 +16,7 @@ from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
 from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage
+from optuna_fms.rng import TrialRNG
 from optuna_fms.sampler import FMSSampler
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "RecoverySettings",
     "RetentionCallback",
     "RetentionReport",
+    "TrialRNG",
     "best_lineage",
     "collect_garbage",
     "lineages",

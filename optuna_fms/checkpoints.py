@@ -11,7 +11,6 @@ import logging
 import math
 import os
 from pathlib import Path
-import random
 import re
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
 from optuna_fms.graphs.build import UnsupportedLayerError
 from optuna_fms.lineage import CheckpointRecord
+from optuna_fms.rng import TrialRNG, global_state, may_restore_global, restore_global
 
 if TYPE_CHECKING:
     from optuna.artifacts._protocol import ArtifactStore
@@ -68,6 +68,10 @@ class Checkpoint:
     sha256: str | None = None
     architecture: dict[str, Any] | None = None
     rng_state: dict[str, Any] | None = field(default=None, repr=False)
+
+    def rng(self) -> TrialRNG | None:
+        """The saved RNG states as this trial's own generators (None if none were saved)."""
+        return TrialRNG.from_state(self.rng_state) if self.rng_state is not None else None
 
 
 # --- the artifact store ----------------------------------------------------------------------
@@ -137,13 +141,15 @@ def save_checkpoint(
     architecture: Mapping[str, Any] | None = None,
     artifact_store: ArtifactStore | None = None,
     save_rng: bool = True,
+    rng: TrialRNG | None = None,
 ) -> CheckpointRecord:
     """Write one safetensors file for ``step`` and upload it as an artifact of ``trial``.
 
     Optimizer and scheduler states are stored as tensors plus a JSON skeleton; the RNG states
     of torch, numpy and ``random`` are stored too (``save_rng``), so a thawed run continues
-    exactly. The step and a SHA-256 of the file are recorded on the trial. The file is named by
-    lineage and step (``lineage-0017-step-0004.safetensors``, what optuna-dashboard shows).
+    exactly: the trial's own generators if given as ``rng``, else the process-wide ones. The
+    step and a SHA-256 of the file are recorded on the trial. The file is named by lineage and
+    step (``lineage-0017-step-0004.safetensors``, what optuna-dashboard shows).
 
     ``architecture`` (from :func:`optuna_fms.describe_architecture`) is stored so the weights can
     be read as a graph from the file alone. Without it, a module is described here (torch.fx,
@@ -166,7 +172,7 @@ def save_checkpoint(
         "metadata": _encode(dict(metadata or {}), "metadata", tensors),
         "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors) if optimizer else None,
         "scheduler": _encode(scheduler.state_dict(), "scheduler", tensors) if scheduler else None,
-        "rng": _encode(_rng_state(), "rng", tensors) if save_rng else None,
+        "rng": _encode(rng.state() if rng is not None else global_state(), "rng", tensors) if save_rng else None,
         "architecture": dict(architecture) if architecture is not None else None,
     }
     name = f"lineage-{lineage_mod.lineage_label(trial):04d}-step-{step:04d}"
@@ -294,25 +300,6 @@ def _storable(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["random"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # NOTE: the JSON skeleton of nested states. Tensors go to the safetensors body and leave a
 # reference; dicts keep their key types (optimizer states are keyed by int); tuples stay tuples.
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -367,9 +354,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     artifact_store: ArtifactStore | None = None,
-    restore_rng: bool = True,
+    restore_rng: bool | None = None,
 ) -> Checkpoint | None:
     """The checkpoint the lineage ``trial`` continues resumes from, loaded into the given objects.
+
+    ``restore_rng``: restore the saved RNG states into the process-wide RNGs (True), never
+    (False), or (None, default) only when called on the main thread, which is where Optuna runs
+    trials with ``n_jobs=1``; a trial in a worker thread (``n_jobs > 1``) leaves the other
+    trials' RNGs alone and resumes its own generators with ``Checkpoint.rng()``.
 
     Returns None for a new configuration (nothing to resume). That checkpoint is the one
     FMSSampler verified (``fms:resume``), else the lineage's newest. One that is missing,
@@ -513,7 +505,7 @@ def _restore(
     model: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any,
-    restore_rng: bool,
+    restore_rng: bool | None,
 ) -> None:
     where = f"checkpoint of trial {ckpt.trial_number} (artifact {ckpt.artifact_id})"
     try:
@@ -531,5 +523,11 @@ def _restore(
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"The {where} does not fit the given objects: {err}") from err
-    if restore_rng and ckpt.rng_state is not None:
-        _restore_rng(ckpt.rng_state)
+    if ckpt.rng_state is None:
+        return
+    if may_restore_global(restore_rng):
+        restore_global(ckpt.rng_state)
+    elif restore_rng is None:
+        warn_once("rng-not-restored", "load_checkpoint leaves the process-wide RNGs alone off the main thread "
+                  "(n_jobs > 1: other trials draw from them); use Checkpoint.rng() for this trial's own "
+                  "generators, or pass restore_rng=True.")

@@ -220,8 +220,30 @@ class FMSSampler(BaseSampler):
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        config = self._new_configs.get(trial._trial_id, {})
+        config = self._new_configs.get(trial._trial_id)
+        if config is None:
+            # NOTE: called without before_trial (a caller driving the sampler by hand, as
+            # Optuna's conformance kit does): no claim was made, so nothing is thawed and the
+            # engine picks a new configuration of the given space.
+            config = self._new_config(study, search_space)
         return {name: config[name] for name in search_space if name in config}
+
+    def _new_config(self, study: Study, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        from optuna_fms.pruner import FMSPruner
+
+        pruner = study.pruner
+        can_thaw = isinstance(pruner, FMSPruner)
+        with self.lock:
+            space = engine_space(search_space, self.policy.settings.ordered_choices)
+            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
+            max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
+            history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
+            new_step = 0 if can_thaw or not max_steps else max_steps - 1
+            every = frozenset(record.key for record in history.lineages)
+            decision = self.policy.choose_next(history, exclude=every, new_step=new_step)
+        return decision.config or {}
 
     def sample_independent(
         self,

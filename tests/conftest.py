@@ -40,3 +40,11 @@ def storage(request: pytest.FixtureRequest, tmp_path):
 @pytest.fixture
 def study_name() -> str:
     return f"fms-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def isolated_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warnings a test triggers stay its own: later tests still see their first warn_once."""
+    from optuna_fms import _warnings
+
+    monkeypatch.setattr(_warnings, "_seen", set(_warnings._seen))

@@ -233,7 +233,15 @@ class DeepKernelSurrogate:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Fit and predict on one thread: faster for these small matrices, and it leaves the
-    other cores to the user's training (Optuna's GPSampler does the same)."""
+    other cores to the user's training (Optuna's GPSampler does the same).
+
+    NOTE: torch's thread count is process-wide in part (MKL, the intra-op pool), so it is
+    narrowed only on the main thread and restored after; a decision in a worker thread (Optuna's
+    ``n_jobs > 1``) leaves it alone rather than slow the training of the threads beside it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
