@@ -95,6 +95,13 @@ class MiniResNet(nn.Module):
         return self.head(self.pool(self.blocks(self.stem(x))))
 
 
+def encoder_layers(dim: int, heads: int, mlp_ratio: int, depth: int) -> nn.ModuleList:
+    """``depth`` pre-norm GELU ``nn.TransformerEncoderLayer`` s (batch_first, no dropout)."""
+    return nn.ModuleList(
+        nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
+                                   batch_first=True, norm_first=True) for _ in range(depth))
+
+
 class TinyViT(nn.Module):
     """Patch-embedding conv + learned position embedding -> ``depth`` pre-norm
     ``nn.TransformerEncoderLayer`` s (batch_first) -> mean over tokens -> LayerNorm -> Linear ``head``.
@@ -112,9 +119,7 @@ class TinyViT(nn.Module):
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
         self.pos = nn.Embedding(self.n_tokens, dim)
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.layers = encoder_layers(dim, heads, mlp_ratio, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
@@ -186,9 +191,7 @@ class TokenTransformer(nn.Module):
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(length, dim)
         nn.init.normal_(self.pos.weight, std=0.02)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, dim * mlp_ratio, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True) for _ in range(depth))
+        self.layers = encoder_layers(dim, heads, mlp_ratio, depth)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 

@@ -136,6 +136,18 @@ def make_zoo(n: int, seed: int, *, widths: Sequence[int] = (4, 8, 12),
     return zoo
 
 
+def pretrained_and_scratch(architectures: dict[str, dict[str, Any]],
+                           pretrain: Callable[[int], dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """A zoo of each architecture twice: pretrained with ``pretrain(k)`` (even id, seed 2k) and from
+    scratch (odd id, the same settings with 0 epochs, seed 2k + 1)."""
+    out = []
+    for k, (name, arch) in enumerate(architectures.items()):
+        pre = pretrain(k)
+        out.append({"name": f"{name}-pretrained", "arch": arch, "pretrain": dict(pre, seed=2 * k)})
+        out.append({"name": f"{name}-scratch", "arch": arch, "pretrain": dict(pre, epochs=0, seed=2 * k + 1)})
+    return tuple(out)
+
+
 def pick_diverse(zoo: Sequence[dict[str, Any]], n: int) -> list[int]:
     """Greedy max-min Hamming diversity over architecture and pretraining fields (ties: lowest index)."""
     def key(m: dict[str, Any]) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from bench.hubs import data
-from bench.hubs.recipe import Grid, HubRecipe, main
+from bench.hubs.recipe import Grid, HubRecipe, main, pretrained_and_scratch
 
 N_FEATURES, N_CLASSES = 10, 3
 PRETRAIN_LRS = (0.01, 0.03, 0.1)
@@ -49,13 +49,9 @@ def architectures() -> dict[str, dict[str, Any]]:
 
 def zoo(pretrain_epochs: tuple[int, ...] = (2, 4)) -> tuple[dict[str, Any], ...]:
     """Each architecture pretrained (even id; lr and epochs cycle) and from scratch (odd id)."""
-    out = []
-    for k, (name, arch) in enumerate(architectures().items()):
-        pre = {"lr": PRETRAIN_LRS[k % 3], "weight_decay": 1e-4, "epochs": pretrain_epochs[k % len(pretrain_epochs)],
-               "batch_size": 64, "momentum": 0.9}
-        out.append({"name": f"{name}-pretrained", "arch": arch, "pretrain": dict(pre, seed=2 * k)})
-        out.append({"name": f"{name}-scratch", "arch": arch, "pretrain": dict(pre, epochs=0, seed=2 * k + 1)})
-    return tuple(out)
+    return pretrained_and_scratch(architectures(), lambda k: {
+        "lr": PRETRAIN_LRS[k % 3], "weight_decay": 1e-4, "epochs": pretrain_epochs[k % len(pretrain_epochs)],
+        "batch_size": 64, "momentum": 0.9})
 
 
 def micro_source() -> data.Split:
