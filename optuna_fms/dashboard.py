@@ -25,12 +25,17 @@ if TYPE_CHECKING:
 FIGURE_ID = "fms-lineages"  # NOTE: a fixed id, so each refresh overwrites the figure in place
 
 
-def lineage_figure(study: Study, *, max_lineages: int = 40) -> go.Figure:
+def lineage_figure(
+    study: Study, *, max_lineages: int = 40, lineages: Sequence[lin_mod.Lineage] | None = None
+) -> go.Figure:
     """Every lineage's stitched curve (the ``max_lineages`` best by their best value), thaws and
-    freezes marked, the best lineage drawn thick and coloured."""
+    freezes marked, the best lineage drawn thick and coloured. ``lineages``: the study's, if
+    already built."""
     import plotly.graph_objects as go
 
-    lineages = [lin for lin in lin_mod.lineages(study) if lin.curve]
+    if lineages is None:
+        lineages = lin_mod.lineages(study)
+    lineages = [lin for lin in lineages if lin.curve]
     direction = study.direction
     ranked = sorted(lineages, key=lambda lin: _best_value(lin, direction), reverse=True)
     shown = ranked[:max_lineages]
@@ -102,10 +107,12 @@ def publish(study: Study, *, max_lineages: int = 40, trials: Sequence[FrozenTria
     """Store the lineage figure in the study, and a note on each of ``trials`` (default: none)."""
     import optuna_dashboard
 
-    optuna_dashboard.save_plotly_graph_object(study, lineage_figure(study, max_lineages=max_lineages),
-                                              graph_object_id=FIGURE_ID)
+    lineages = lin_mod.lineages(study)  # NOTE: built once for the figure and the notes
+    optuna_dashboard.save_plotly_graph_object(
+        study, lineage_figure(study, max_lineages=max_lineages, lineages=lineages), graph_object_id=FIGURE_ID
+    )
     if trials:
-        by_trial = {t.number: lin for lin in lin_mod.lineages(study) for t in lin.trials}
+        by_trial = {t.number: lin for lin in lineages for t in lin.trials}
         for trial in trials:
             lin = by_trial.get(trial.number)
             if lin is not None:

@@ -286,18 +286,14 @@ class FreezeThawPolicy:
             return None, np.zeros(0), np.zeros(0)
         observed_budgets, observed_values = history.observed()
         if self.settings.target == "final":
-            # NOTE: a GP cannot extrapolate in the budget, so the horizon is the deepest step
-            # observed so far (it moves out as runs go deeper), capped by the run length.
-            deepest = int(observed_budgets.max()) - 1
-            horizon = deepest if history.max_steps is None else min(deepest, history.max_steps - 1)
+            horizon = _deepest_queryable(history, observed_budgets)
             queries = [Candidate(c.config, c.step, c.key, horizon=max(horizon, c.step)) for c in candidates]
             best = np.full(len(candidates), observed_values.max())
             # NOTE: cost-aware (as Quick-Tune): EI per step still needed to reach the horizon.
             cost = np.array([max(horizon, c.step) - c.step + 1.0 for c in candidates])
         elif self.settings.target == "horizon":
-            deepest = int(observed_budgets.max()) - 1
-            cap = deepest if history.max_steps is None else min(deepest, history.max_steps - 1)
-            ahead = int(self._rng.integers(0, max(history.max_steps or deepest + 1, 1)))
+            cap = _deepest_queryable(history, observed_budgets)
+            ahead = int(self._rng.integers(0, max(history.max_steps or int(observed_budgets.max()), 1)))
             queries = [Candidate(c.config, c.step, c.key, horizon=max(c.step, min(c.step + ahead, cap)))
                        for c in candidates]
             budgets = np.array([q.horizon + 1.0 for q in queries])
@@ -311,6 +307,13 @@ class FreezeThawPolicy:
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
         mean, std = self._surrogate.predict(history.candidate_rows(queries))
         return expected_improvement(mean, std, best) / cost, mean, std
+
+
+def _deepest_queryable(history: History, observed_budgets: np.ndarray) -> int:
+    # NOTE: a GP cannot extrapolate in the budget, so the deepest step worth querying is the
+    # deepest observed so far (it moves out as runs go deeper), capped by the run length.
+    deepest = int(observed_budgets.max()) - 1
+    return deepest if history.max_steps is None else min(deepest, history.max_steps - 1)
 
 
 def _top(candidates: Sequence[Candidate], scores: np.ndarray, k: int) -> list[tuple[int | None, float]]:
