@@ -124,6 +124,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as fms-gmn-next, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
     Method("dyhpo-h", _fms(weights=None, target="horizon"), fms=True,
            note="as dyhpo, EI at a horizon drawn afresh for each decision (target='horizon')"),
+    Method("dyhpo-hn", _fms(weights=None, target="new-horizon"), fms=True,
+           note="as dyhpo, new configurations scored at a random horizon, lineages one step ahead "
+                "(target='new-horizon')"),
+    Method("dyhpo-sh", _fms(weights=None, target="next", promotion=0.25), fms=True,
+           note="as dyhpo, a quarter of the sampler's decisions thaw by successive halving's rule "
+                "(Syne Tune's DyHPO hedge)"),
+    Method("fms-gmn-next-hn", _fms(weights="gmn", target="new-horizon"), fms=True, weights="gmn",
+           note="as fms-gmn-next, target='new-horizon'"),
     Method("dyhpo-n1-h", _fms(weights=None, target="horizon", noise_floor=1e-1), fms=True,
            note="dyhpo-n1 and dyhpo-h together"),
     Method("fms-gmn-next-h", _fms(weights="gmn", target="horizon"), fms=True, weights="gmn",

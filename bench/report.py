@@ -165,6 +165,37 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "curve": {"mean": [round(float(x), 5) for x in mean], "se": [_f(x, 5) for x in se]},
         }
     out["bar"] = against_baselines(out)
+    out["paired"] = paired_differences(regret, {m: [r["seed"] for r in runs[m]] for m in methods}, checkpoints)
+    return out
+
+
+PAIRED_REFERENCES = ("default", "dyhpo")  # the first one present is what every other arm is paired with
+
+
+def paired_differences(regret: dict[str, np.ndarray], seeds: dict[str, list[int]],
+                       checkpoints: list[int]) -> dict[str, Any]:
+    """Each arm minus the reference arm, seed by seed, at each checkpoint: mean, standard error, n.
+
+    NOTE: the seeds of two arms share their start-up design and their hub, so the paired difference
+    has a much smaller standard error than the two means' (the protocol of bench/README.md).
+    """
+    ref = next((m for m in PAIRED_REFERENCES if m in regret), None)
+    if ref is None:
+        return {}
+    out: dict[str, Any] = {"reference": ref, "methods": {}}
+    for m in regret:
+        common = sorted(set(seeds[m]) & set(seeds[ref]))
+        if m == ref or len(common) < 2:
+            continue
+        a = regret[m][[seeds[m].index(s) for s in common]]
+        b = regret[ref][[seeds[ref].index(s) for s in common]]
+        at = {}
+        for f, e in zip(FRACTIONS, checkpoints):
+            d = a[:, e - 1] - b[:, e - 1]
+            se = float(np.std(d, ddof=1) / np.sqrt(len(d)))
+            at[f"{int(f * 100)}%"] = {"mean": float(np.mean(d)), "se": se,
+                                      "z": float(np.mean(d) / se) if se > 0 else None}
+        out["methods"][m] = {"seeds": common, "at": at}
     return out
 
 
@@ -295,6 +326,21 @@ def markdown(summary: dict[str, Any]) -> str:
                          for v in info["regret_at"].values())
         rk = " | ".join(f"{v:.2f}" for v in info["mean_rank_at"].values()) if info["mean_rank_at"] else ""
         lines.append(f"| {m} | {reg} | {rk} |")
+    paired = summary.get("paired") or {}
+    if paired.get("methods"):
+        lines += [
+            "",
+            f"## Paired against `{paired['reference']}`",
+            "",
+            f"Arm minus `{paired['reference']}`, seed by seed (negative: lower regret), mean +/- standard error"
+            " of the paired difference; seeds both arms ran.",
+            "",
+            "| method | seeds | " + " | ".join(fr) + " |",
+            "|---|---:|" + "---:|" * len(fr),
+        ]
+        for m, info in paired["methods"].items():
+            lines.append(f"| {m} | {len(info['seeds'])} | " + " | ".join(
+                f"{v['mean']:+.4f} +/- {v['se']:.4f}" for v in info["at"].values()) + " |")
     lines += [
         "",
         "## Incumbent test accuracy, search behaviour and decision overhead",

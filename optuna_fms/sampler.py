@@ -42,7 +42,8 @@ class FMSSampler(BaseSampler):
         use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
         target: ``"next"`` (default): DyHPO's and FMS's expected improvement one step ahead;
             ``"horizon"``: EI at a horizon drawn afresh for each decision (ifBO's hedge against
-            favouring fast starters); ``"final"``: EI of the forecast at the deepest step seen so
+            favouring fast starters); ``"new-horizon"``: lineages one step ahead, new configurations
+            at such a random horizon; ``"final"``: EI of the forecast at the deepest step seen so
             far, per step still needed.
         weights: How the surrogate reads checkpointed weights: ``"gmn"`` (graph metanetwork,
             default), ``"flat"`` (a fixed-size sketch of all weights) or None (DyHPO: none).
@@ -82,8 +83,8 @@ class FMSSampler(BaseSampler):
         input_kernel: bool = False,
         recovery: lin_mod.RecoverySettings | None = None,
     ) -> None:
-        if target not in ("final", "next", "horizon"):
-            raise ValueError(f"target must be 'next', 'horizon' or 'final', got {target!r}.")
+        if target not in ("final", "next", "horizon", "new-horizon"):
+            raise ValueError(f"target must be 'next', 'horizon', 'new-horizon' or 'final', got {target!r}.")
         if not 0.0 <= promotion_probability <= 1.0:
             raise ValueError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}.")
         settings = PolicySettings(

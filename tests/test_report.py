@@ -30,3 +30,21 @@ def test_a_method_that_never_reaches_the_best_final_regret_says_so() -> None:
     summary = {"methods": {"fms-gmn-next": _method([0.5, 0.4, 0.3, 0.2]), "tpe": _method([0.5, 0.3, 0.2, 0.1])}}
     assert against_baselines(summary)["methods"]["fms-gmn-next"] == {"lowest_at": [], "epochs_to_best_final": None}
     assert against_baselines({"methods": {"fms-gmn-next": _method([0.5, 0.4])}}) == {}
+
+
+def test_paired_differences_are_taken_seed_by_seed_against_the_default() -> None:
+    import numpy as np
+
+    from bench.report import paired_differences
+
+    # the arm is better than the default by exactly 0.01 on every shared seed, although both arms'
+    # regret varies by 0.1 between seeds: the paired standard error is 0, the unpaired one is not
+    default = np.array([[0.5, 0.3], [0.4, 0.2], [0.6, 0.4]])
+    arm = np.array([[0.39, 0.19], [0.49, 0.29], [0.9, 0.9]])  # seeds 1, 0, 7
+    out = paired_differences({"default": default, "arm": arm},
+                             {"default": [0, 1, 2], "arm": [1, 0, 7]}, [1, 1, 2, 2])
+    assert out["reference"] == "default" and list(out["methods"]) == ["arm"]
+    info = out["methods"]["arm"]
+    assert info["seeds"] == [0, 1]  # seed 7 has no partner, seed 2 none either
+    assert np.isclose(info["at"]["100%"]["mean"], -0.01) and np.isclose(info["at"]["100%"]["se"], 0.0)
+    assert paired_differences({"tpe": default}, {"tpe": [0, 1, 2]}, [1, 1, 2, 2]) == {}

@@ -237,3 +237,27 @@ def test_random_horizon_thaws_slow_starters_that_one_step_ahead_passes_over() ->
         return count
 
     assert thaws_of_slow("horizon") >= 2 > thaws_of_slow("next")
+
+
+def test_new_horizon_starts_slow_starters_that_first_step_ei_passes_over() -> None:
+    """New configurations scored at their first step are all fast starters; at a random horizon they
+    are not. Lineages are not thawable here, so the pool of new configurations decides alone."""
+    rng = np.random.default_rng(0)
+    lineages = []
+    for key, config in enumerate(SPACE.sample(24, rng)):
+        steps = 12 if key < 6 else 1
+        lineages.append(LineageRecord(key, config, list(range(steps)), _slow_or_fast(config, steps, rng),
+                                      thawable=False))
+    history = History(SPACE, lineages, max_steps=12)
+
+    def slow_starts(target: str) -> int:
+        count = 0
+        for seed in range(4):
+            policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=64, n_local=0),
+                                      seed=seed)
+            decision = policy.choose_next(history)
+            assert decision.action == "new"
+            count += decision.config["arch"] == "a"
+        return count
+
+    assert slow_starts("new-horizon") >= 2 > slow_starts("next")

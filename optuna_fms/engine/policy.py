@@ -40,6 +40,9 @@ class PolicySettings:
     # run length and scores every candidate by EI h steps ahead (capped at the deepest step observed)
     # over the best value seen at that budget, so a slow starter can win a decision; the surrogate
     # then trains on forecasts from shorter prefixes too, as for "final".
+    # "new-horizon": lineages are scored one step ahead (as "next"), new configurations at a horizon
+    # drawn afresh for each decision (as "horizon"): only a configuration nobody has run yet is
+    # judged on where it may get, not on its first step.
     target: str = "next"
     # "gmn" (graph metanetwork), "flat" (count sketch of all weights) or None (DyHPO: no weights).
     weights: str | None = "gmn"
@@ -273,7 +276,7 @@ class FreezeThawPolicy:
                 device=self._device,
             )
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
-        forecast = self._seed + history.n_observations if self.settings.target in ("final", "horizon") else None
+        forecast = self._seed + history.n_observations if self.settings.target in _FORECASTING else None
         rows, targets, newest = history.training_rows(forecast_seed=forecast)
         self._surrogate.fit(rows, targets, keep=newest)  # each lineage's newest row is kept
         self._fitted_key = key
@@ -291,12 +294,14 @@ class FreezeThawPolicy:
             best = np.full(len(candidates), observed_values.max())
             # NOTE: cost-aware (as Quick-Tune): EI per step still needed to reach the horizon.
             cost = np.array([max(horizon, c.step) - c.step + 1.0 for c in candidates])
-        elif self.settings.target == "horizon":
+        elif self.settings.target in ("horizon", "new-horizon"):
             cap = _deepest_queryable(history, observed_budgets)
             ahead = int(self._rng.integers(0, max(history.max_steps or int(observed_budgets.max()), 1)))
-            queries = [Candidate(c.config, c.step, c.key, horizon=max(c.step, min(c.step + ahead, cap)))
+            only_new = self.settings.target == "new-horizon"
+            queries = [c if only_new and c.key is not None
+                       else Candidate(c.config, c.step, c.key, horizon=max(c.step, min(c.step + ahead, cap)))
                        for c in candidates]
-            budgets = np.array([q.horizon + 1.0 for q in queries])
+            budgets = np.array([(q.step if q.horizon is None else q.horizon) + 1.0 for q in queries])
             best = incumbents(budgets, observed_budgets, observed_values)
             cost = np.ones(len(candidates))
         else:
@@ -307,6 +312,9 @@ class FreezeThawPolicy:
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
         mean, std = self._surrogate.predict(history.candidate_rows(queries))
         return expected_improvement(mean, std, best) / cost, mean, std
+
+
+_FORECASTING = ("final", "horizon", "new-horizon")  # targets whose surrogate also learns from shorter prefixes
 
 
 def _deepest_queryable(history: History, observed_budgets: np.ndarray) -> int:
