@@ -421,8 +421,40 @@ def write_report(out_dir: Path | str) -> dict[str, Any]:
     return summary
 
 
+# NOTE: the README's one table (issue 10): every hub x these peers. Before the `default` method existed,
+# the design hubs ran the same constructors as `fms-gmn-next` (bench/methods.py), which stands in for it.
+PEERS = (("default", ("default", PRODUCT)), ("DyHPO mode", ("dyhpo",)), ("Syne Tune DyHPO", ("synetune-dyhpo",)),
+         ("Syne Tune DyHPO, ordinal", ("synetune-dyhpo-ordinal",)), ("TPE + Hyperband", ("tpe-hyperband",)),
+         ("TPE + SHA", ("tpe-sha",)), ("random", ("random",)))
+
+
+def peer_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown: one row per hub and peer, regret at each fraction; bold = lowest of the hub's peers there."""
+    fr = [f"{int(f * 100)}%" for f in FRACTIONS]
+    lines = ["| hub | method | " + " | ".join(fr) + " | seeds |", "|---|---|" + "---:|" * (len(fr) + 1)]
+    for summary in summaries:
+        rows = []
+        for label, names in PEERS:
+            name = next((n for n in names if n in summary["methods"]), None)
+            rows.append((label, None if name is None else summary["methods"][name]))
+        lowest = {f: min((info["regret_at"][f]["mean"] for _, info in rows if info), default=None) for f in fr}
+        for label, info in rows:
+            if info is None:
+                lines.append(f"| {summary['hub']} | {label} | " + " | ".join("not run" for _ in fr) + " | 0 |")
+                continue
+            cells = []
+            for f in fr:
+                v = info["regret_at"][f]["mean"]
+                cells.append(f"**{v:.3g}**" if v == lowest[f] else f"{v:.3g}")
+            lines.append(f"| {summary['hub']} | {label} | " + " | ".join(cells) + f" | {len(info['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--peer-table"]:  # python -m bench.report --peer-table digits animal ... -> stdout
+        print(peer_table([json.loads((RESULTS / h / "summary.json").read_text()) for h in args[1:]]), end="")
+        return 0
     target = Path(args[0]) if args else RESULTS / "digits"
     if not target.is_dir():
         target = RESULTS / str(target)

@@ -48,3 +48,18 @@ def test_paired_differences_are_taken_seed_by_seed_against_the_default() -> None
     assert info["seeds"] == [0, 1]  # seed 7 has no partner, seed 2 none either
     assert np.isclose(info["at"]["100%"]["mean"], -0.01) and np.isclose(info["at"]["100%"]["se"], 0.0)
     assert paired_differences({"tpe": default}, {"tpe": [0, 1, 2]}, [1, 1, 2, 2]) == {}
+
+
+def test_the_peer_table_bolds_each_fraction_lowest_peer_and_names_what_did_not_run() -> None:
+    from bench.report import peer_table
+
+    def info(values: list[float]) -> dict:
+        return {"seeds": [0, 1], "regret_at": {f: {"mean": v} for f, v in zip(["10%", "25%", "50%", "100%"], values)}}
+
+    # the design hubs' `fms-gmn-next` stands in for `default`; Syne Tune did not run here
+    table = peer_table([{"hub": "h", "methods": {"fms-gmn-next": info([0.3, 0.2, 0.1, 0.05]),
+                                                 "tpe-sha": info([0.2, 0.25, 0.1, 0.06])}}])
+    rows = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert rows["default"] == "| h | default | 0.3 | **0.2** | **0.1** | **0.05** | 2 |"
+    assert rows["TPE + SHA"] == "| h | TPE + SHA | **0.2** | 0.25 | **0.1** | 0.06 | 2 |"
+    assert "not run" in rows["Syne Tune DyHPO"] and rows["random"].endswith("| 0 |")
