@@ -144,10 +144,11 @@ def publish(
         )
     if trials:
         by_trial = {t.number: lin for lin in lineages for t in lin.trials}
+        attrs = lin_mod.study_attrs(study)  # NOTE: read once; an unchanged note is not rewritten
         for trial in trials:
             lin = by_trial.get(trial.number)
             if lin is not None:
-                _save_trial_note(study, trial, lineage_note(lin, trial, study.direction))
+                _save_trial_note(study, trial, lineage_note(lin, trial, study.direction), attrs)
 
 
 class DashboardPublisher:
@@ -175,14 +176,18 @@ class DashboardPublisher:
                 _save_trial_note(study, trial, lineage_note(lin, trial, study.direction))
 
 
-def _save_trial_note(study: Study, trial: FrozenTrial, body: str) -> None:
+def _save_trial_note(study: Study, trial: FrozenTrial, body: str, attrs: dict[str, Any] | None = None) -> None:
     # NOTE: optuna_dashboard.save_note takes a live Trial, and building one for a finished trial
     # asks the sampler again; the note lives in study system attrs, written here the way save_note
     # writes them (optuna-dashboard is pinned, so these keys are stable).
-    from optuna_dashboard._note import note_ver_key, save_note_with_version
+    from optuna_dashboard._note import get_note_from_system_attrs, save_note_with_version
 
-    version = study._storage.get_study_system_attrs(study._study_id).get(note_ver_key(trial._trial_id), 0) + 1
-    save_note_with_version(study._storage, study._study_id, trial._trial_id, version, body)
+    if attrs is None:
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+    old = get_note_from_system_attrs(attrs, trial._trial_id)
+    if old["body"] == body:
+        return
+    save_note_with_version(study._storage, study._study_id, trial._trial_id, int(old["version"]) + 1, body)
 
 
 def _best_value(lin: lin_mod.Lineage, direction: StudyDirection) -> float:

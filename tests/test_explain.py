@@ -199,3 +199,21 @@ def test_a_nan_report_is_the_failure_reason_of_its_trial() -> None:
     assert trial.should_prune()
     stored = study._storage.get_trial(trial._trial_id)
     assert stored.user_attrs["fms:failure"] == "step 0 reported inf"
+
+
+def test_a_minimized_metric_reads_in_its_own_units() -> None:
+    from optuna_fms.engine.policy import Decision, Forecast
+    from optuna_fms.explain import forecast_attr, freeze_sentence, thaw_sentence
+
+    # the engine maximizes: a loss of 0.25 is -0.25 there
+    f = Forecast(next_step=5, next_mean=-0.25, next_std=0.01, final_step=11, final_mean=-0.2, final_std=0.03,
+                 gain=2e-4, alternative_gain=3.1e-3, alternative_key=17, per_step=True)
+    attr = forecast_attr(f, -1.0)
+    assert (attr["next_mean"], attr["final_mean"], attr["alternative"]) == (0.25, 0.2, "lineage 17")
+    said = freeze_sentence(4, Decision("freeze", 3, forecast=f), -1.0)
+    assert said == ("frozen at step 4: expected gain per step 0.0002 here vs 0.0031 for lineage 17; "
+                    "forecast 0.25 ± 0.01 at step 5, 0.2 ± 0.03 at step 11")
+    new = Forecast(5, -0.3, 0.02, 5, -0.3, 0.02, gain=8.9e-180, alternative_gain=0.0012, alternative_new=True)
+    assert thaw_sentence(17, 5, Decision("thaw", 17, forecast=new), -1.0) == (
+        "thawed lineage 17 at step 5: expected gain ≈0 vs 0.0012 for the best new configuration; "
+        "forecast 0.3 ± 0.02 at step 5")
