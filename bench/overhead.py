@@ -82,7 +82,8 @@ def _seed_study(
 ) -> optuna.Study:
     """A study with ``n_observations`` reports in frozen lineages of 10 steps, each step checkpointed."""
     store = optuna.artifacts.FileSystemArtifactStore(folder)
-    sampler = optuna_fms.FMSSampler(seed=0, weights=weights, artifact_store=store, device=device)
+    sampler = optuna_fms.FMSSampler(seed=0, weights=weights, artifact_store=store, device=device,
+                                    dashboard=False, progress=False)  # NOTE: the decisions' cost alone
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=optuna_fms.FMSPruner())
     random = optuna.samplers.RandomSampler(seed=0)
     for _ in range(n_observations // STEPS_PER_LINEAGE):

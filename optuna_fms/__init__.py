@@ -12,6 +12,7 @@ from optuna_fms.checkpoints import (
 )
 from optuna_fms import dashboard
 from optuna_fms.dashboard import DashboardPublisher
+from optuna_fms.finish import finish_best
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
@@ -37,6 +38,7 @@ __all__ = [
     "TrialRNG",
     "best_lineage",
     "collect_garbage",
+    "finish_best",
     "lineages",
     "load_checkpoint",
     "read_checkpoint",

@@ -398,6 +398,7 @@ def load_checkpoint(
     lineage_mod.mark_lineage_failed(study, lin, reason)
     lineage_mod.set_system_attr(study, frozen, lineage_mod.FAILED, reason)
     lineage_mod.set_user_attr(study, frozen, lineage_mod.USER_DECISION, f"failed: {reason}")
+    lineage_mod.set_user_attr(study, frozen, lineage_mod.USER_FAILURE, reason)
     _logger.warning(reason)
     raise LineageLost(reason)
 

@@ -47,6 +47,15 @@ USER_PARENT = "fms:parent"
 USER_START_STEP = "fms:start_step"
 USER_DECISION = "fms:decision"
 USER_ACQUISITION = "fms:acquisition"
+# NOTE: why each decision was taken, one attr per writer, so neither overwrites the other
+# (explain.py writes them; fms:decision stays as the newest of them, for older readers).
+USER_THAW_REASON = "fms:thaw_reason"  # sampler, on a thawed trial: why this lineage got the next step
+USER_NEW_REASON = "fms:new_reason"  # sampler, on a new configuration's first trial
+USER_FREEZE_REASON = "fms:freeze_reason"  # pruner: why this segment was frozen
+USER_FAILURE = "fms:failure"  # why this trial's lineage failed (NaN/inf, no readable checkpoint)
+USER_START_PREDICTED = "fms:start_predicted"  # the sampler's forecast for this trial (JSON object)
+USER_FREEZE_PREDICTED = "fms:freeze_predicted"  # the pruner's forecast when it froze this segment
+FINISH = "fms:finish"  # system attr: this segment trains its lineage to the last step (finish_best)
 
 RUNNING, FROZEN_STATE, FINISHED, FAILED_STATE, PRUNED = "running", "frozen", "finished", "failed", "pruned"
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from optuna.pruners import BasePruner
 
-from optuna_fms import lineage as lin_mod
+from optuna_fms import explain, lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
 from optuna_fms.graph_source import GraphSource
@@ -85,10 +85,14 @@ class FMSPruner(BasePruner):
             reason = f"step {step} reported {value}"
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FAILED, reason)
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, f"failed: {reason}", user=True)
+            explain.record_failure(study, trial, reason, log=False)  # NOTE: the warning below says it
             warn_once(f"nan:{study._study_id}:{trial._trial_id}",
                       f"Trial {trial.number} {reason}: its lineage is marked failed and never thawed.")
             self._decided[memo] = True
             return True
+        if trial.system_attrs.get(lin_mod.FINISH):  # finish_best: this segment runs to the last step
+            self._decided[memo] = False
+            return False
         decision = self._decide(study, trial)
         if decision.action == "superseded":
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.USER_DECISION, decision.reason, user=True)
@@ -97,9 +101,7 @@ class FMSPruner(BasePruner):
         frozen = decision.action == "freeze"
         if frozen:
             lin_mod.write_trial_attr(study, trial._trial_id, lin_mod.FROZEN, decision.reason)
-            lin_mod.write_trial_attr(
-                study, trial._trial_id, lin_mod.USER_DECISION, f"frozen: {decision.reason}", user=True
-            )
+            explain.record_freeze(study, trial, decision)
         self._decided[memo] = frozen
         return frozen
 

@@ -7,12 +7,14 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from optuna_fms import lineage as lin_mod
+from optuna_fms import explain, finish as finish_mod, lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
 from optuna_fms.graph_source import GraphSource
+from optuna_fms.reporting import TrialReporter
 from optuna_fms.engine.policy import FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.surrogate import FitSettings
 
@@ -63,6 +65,13 @@ class FMSSampler(BaseSampler):
         recovery: How crashed segments come back: the lease that frees a lineage whose worker
             died without Optuna's heartbeat, and how many crashes a lineage survives (see
             :class:`optuna_fms.RecoverySettings`).
+        dashboard: After each trial, write the note of its lineage's trials, and every
+            ``dashboard_every`` trials (and whenever a run finishes) refresh the lineage figure,
+            for optuna-dashboard (:mod:`optuna_fms.dashboard`; needs the ``[dashboard]`` extra,
+            said once when missing). False: neither.
+        dashboard_every: Trials between two refreshes of the figure.
+        progress: After each trial, one INFO line on the ``optuna.fms`` logger: trials, steps
+            spent, the best value so far and the lineages by state. False: none.
     """
 
     def __init__(
@@ -82,6 +91,9 @@ class FMSSampler(BaseSampler):
         promotion_probability: float = 0.0,
         input_kernel: bool = False,
         recovery: lin_mod.RecoverySettings | None = None,
+        dashboard: bool = True,
+        dashboard_every: int = 10,
+        progress: bool = True,
     ) -> None:
         if target not in ("final", "next", "horizon", "new-horizon"):
             raise ValueError(f"target must be 'next', 'horizon', 'new-horizon' or 'final', got {target!r}.")
@@ -109,6 +121,8 @@ class FMSSampler(BaseSampler):
         self._new_configs: dict[int, dict[str, Any]] = {}
         self._spaces: dict[int, dict[str, BaseDistribution]] = {}
         self._last_space: Any = None
+        self.reporter = TrialReporter(dashboard=dashboard, every=dashboard_every, progress=progress)
+        self._finish: int | None = None  # NOTE: the lineage finish_best hands the next trial
 
     def reseed_rng(self) -> None:
         self.policy.reseed(None)
@@ -148,7 +162,12 @@ class FMSSampler(BaseSampler):
             history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
             new_step = 0 if can_thaw or not max_steps else max_steps - 1
             by_id = {lin.id: lin for lin in lineages}
-            lost: set[int] = set()
+            if self._finish is not None:  # finish_best asked for this lineage
+                key, self._finish = self._finish, None
+                if finish_mod.thaw_to_the_end(self, study, trial, by_id.get(key), view):
+                    return
+            lost: dict[int, str] = {}
+            sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
             while True:
                 decision = self.policy.choose_next(history, exclude=frozenset(lost), new_step=new_step)
                 if decision.action != "thaw" or decision.key is None:
@@ -156,15 +175,16 @@ class FMSSampler(BaseSampler):
                 chosen = by_id[decision.key]
                 resume = self._verified_resume(study, chosen)
                 if resume is not None and lin_mod.claim(study, trial, chosen.tail.number, view):
-                    lin_mod.mark_thaw(study, trial, chosen, decision.reason, resume)
-                    self._record_score(study, trial, decision.acquisition)
+                    said = explain.thaw_sentence(chosen.id, resume.step + 1, decision, sign)
+                    lin_mod.mark_thaw(study, trial, chosen, said, resume)
+                    explain.record_start(study, trial, decision, said, thawed=chosen.id, skipped=lost)
                     return
-                lost.add(decision.key)
+                lost[decision.key] = "no readable checkpoint" if resume is None else "another trial claimed it"
             self._new_configs[trial._trial_id] = decision.config or {}
             self._spaces[trial._trial_id] = distributions
             lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
-            lin_mod.set_user_attr(study, trial, lin_mod.USER_DECISION, decision.reason)
-            self._record_score(study, trial, decision.acquisition)
+            explain.record_start(study, trial, decision, explain.new_sentence(decision, sign), thawed=None,
+                                 skipped=lost)
 
     def _continue_retry(self, study: Study, trial: FrozenTrial, view: lin_mod.StudyView) -> None:
         """A retry (Optuna's heartbeat callback) continues its own lineage and decides nothing.
@@ -205,13 +225,8 @@ class FMSSampler(BaseSampler):
         resume = newest_good_checkpoint(study, lineage, artifact_store=self.artifact_store)
         if resume is None:
             lin_mod.mark_lineage_failed(study, lineage, "no readable checkpoint is left")
+            explain.record_failure(study, None, "no readable checkpoint is left", lineage_id=lineage.id)
         return resume
-
-    @staticmethod
-    def _record_score(study: Study, trial: FrozenTrial, acquisition: float | None) -> None:
-        # NOTE: numeric, so optuna-dashboard can sort trials by it.
-        if acquisition is not None:
-            lin_mod.set_user_attr(study, trial, lin_mod.USER_ACQUISITION, float(acquisition))
 
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
@@ -264,3 +279,4 @@ class FMSSampler(BaseSampler):
     ) -> None:
         self._new_configs.pop(trial._trial_id, None)
         self._spaces.pop(trial._trial_id, None)
+        self.reporter.after_trial(study, trial, state, values)

@@ -58,5 +58,10 @@ def test_finetune_model_hub_tutorial(tmp_path, capsys):
     assert summary["best_val"] > 0.2
     assert 0.0 <= summary["test_acc"] <= 1.0
     assert summary["best_lineage"].checkpoints
-    assert len(summary["study"].trials) == 12  # the leftover study was not loaded
+    # finish_best ended the search with the best lineage trained to the last epoch
+    study, finished = summary["study"], summary["finished"]
+    assert finished.state == optuna.trial.TrialState.COMPLETE and finished.last_step == 3
+    assert study.best_trial.number == finished.number
+    assert summary["best_lineage"].state == "finished" and summary["best_lineage"].tail.number == finished.number
+    assert len(study.trials) == 13  # the leftover study was not loaded; 12 trials and the finishing one
 

@@ -233,8 +233,7 @@ def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     last = trial.intermediate_values[steps[-1]] if steps else float("nan")
     lineage = trial.user_attrs.get("fms:lineage", trial.number)
     kind = "thaw" if "fms:parent" in trial.user_attrs else "new "
-    decision = trial.user_attrs.get("fms:decision", "")
-    end = "frozen" if decision.startswith("frozen") else trial.state.name.lower()
+    end = "frozen" if "fms:freeze_reason" in trial.user_attrs else trial.state.name.lower()
     print(f"  trial {trial.number:>3}  {kind} lineage {lineage:>3}  {span}  val_acc {last:.3f}  "
           f"-> {end}  [{trial.params.get('model')}]", flush=True)
 
@@ -301,11 +300,13 @@ def main(argv: list[str] | None = None) -> dict:
             optuna_fms.register_pretrained(study, "model", name, start)
     print(f"Searching: {args.trials} trials, runs of {args.epochs} epochs", flush=True)
     t_search = time.perf_counter()
-    # DashboardPublisher refreshes optuna-dashboard's lineage figure every 10 trials and writes a
-    # note on each trial that tells its lineage's story; publish() once more at the end.
-    study.optimize(make_objective(hub, data, args.epochs, args.seed), n_trials=args.trials,
-                   callbacks=[log_trial, optuna_fms.DashboardPublisher(every=10)])
-    optuna_fms.dashboard.publish(study)
+    # FMSSampler writes a note on each trial that tells its lineage's story and refreshes
+    # optuna-dashboard's lineage figure every 10 trials (FMSSampler(dashboard=False): neither).
+    objective = make_objective(hub, data, args.epochs, args.seed)
+    study.optimize(objective, n_trials=args.trials, callbacks=[log_trial])
+    # The search froze most runs early; finish_best trains the best lineage to the last epoch
+    # in one more trial, so the study ends with a full run as its best COMPLETE trial.
+    finished = optuna_fms.finish_best(study, objective, callbacks=[log_trial])
     search_s = time.perf_counter() - t_search
 
     # --- 5. What happened: lineages, freezes, thaws ----------------------------------------
@@ -317,8 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     epochs_trained = sum(len(t.intermediate_values) for t in study.trials)
     full_runs = sum(lin.state == "finished" and lin.next_step >= args.epochs for lin in lins)
 
-    best = optuna_fms.best_lineage(study)
-    assert best is not None, "no trial reported anything"
+    best = next(lin for lin in lins if lin.tail.number == finished.number)
+    assert study.best_trial.number == finished.number
     best_step, best_val = best.best(study.direction)
 
     # --- 6. The test split, used once: the best lineage's best checkpoint -----------------
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     print(f"""
 === Summary ===
-Best lineage:        {best.id} ({best.state}, trials {[t.number for t in best.trials]})
+Best lineage:        {best.id} ({best.state}, trials {[t.number for t in best.trials]}; trial {finished.number} finished it: study.best_trial)
   params:            {params}
   best val accuracy: {best_val:.4f} at epoch {best_step}
   test accuracy:     {test_acc:.4f} (checkpoint of trial {record.trial_number}, epoch {record.step})
@@ -363,6 +364,7 @@ Inspect the study (trials, learning curves, fms:* decisions, checkpoints):
         "epochs_trained": epochs_trained,
         "wall_s": wall_s,
         "dashboard": dashboard,
+        "finished": finished,
     }
 
 

@@ -55,6 +55,33 @@ class PolicySettings:
     promotion_probability: float = 0.0
     promotion_eta: int = 3
     fit: FitSettings = field(default_factory=FitSettings)
+    # NOTE: a decision also carries a Forecast (one more surrogate query of two rows, after the
+    # choice is made, so it changes no decision); False leaves it out.
+    explain: bool = True
+
+
+@dataclass
+class Forecast:
+    """The numbers behind one decision, in the history's units (values oriented so that higher
+    is better; the adapter flips a minimized metric back). Plain data, for logs and the dashboard.
+
+    ``gain``: the chosen candidate's acquisition value in those units (expected improvement,
+    per step still needed when ``per_step``); ``alternative_gain``: the best alternative's
+    (``alternative_key``: its lineage, None for a new configuration; ``alternative_new``: the
+    alternative is a new configuration, and no alternative at all leaves both gains' partner None).
+    """
+
+    next_step: int
+    next_mean: float
+    next_std: float
+    final_step: int
+    final_mean: float
+    final_std: float
+    gain: float
+    alternative_gain: float | None = None
+    alternative_key: int | None = None
+    alternative_new: bool = False
+    per_step: bool = False
 
 
 @dataclass
@@ -69,6 +96,7 @@ class Decision:
     predicted_mean: float | None = None  # in standardized units of the history
     predicted_std: float | None = None
     alternatives: list[tuple[int | None, float]] = field(default_factory=list)
+    forecast: Forecast | None = None  # see PolicySettings.explain
 
 
 class FreezeThawPolicy:
@@ -132,6 +160,11 @@ class FreezeThawPolicy:
                 f"EI {scores[best]:.4g} is the best of {len(candidates)} candidates"
                 f" ({sum(c.key is not None for c in candidates)} frozen lineages)"
             )
+            # NOTE: the alternative is the best candidate of the other kind: the best new
+            # configuration for a thaw, the best frozen lineage for a new configuration.
+            other = [i for i, c in enumerate(candidates) if (c.key is None) != (chosen.key is None)]
+            alt = max(other, key=lambda i: scores[i]) if other else None
+            decision.forecast = self._forecast(history, candidates, scores, best, alt)
             return decision
 
     def should_continue(
@@ -190,6 +223,7 @@ class FreezeThawPolicy:
                 predicted_std=float(std[0]),
                 alternatives=_top([own, *others], scores, 5),
                 reason=f"EI {mine:.4g} here vs {scores[best_other]:.4g} for {what}",
+                forecast=self._forecast(history, [own, *others], scores, 0, best_other),
             )
 
     def predict(self, history: History, candidates: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +237,42 @@ class FreezeThawPolicy:
             return mean * history.y_std + history.y_mean, std * history.y_std
 
     # --- internals ------------------------------------------------------------------------
+
+    def _forecast(
+        self,
+        history: History,
+        candidates: Sequence[Candidate],
+        scores: np.ndarray,
+        chosen: int,
+        alternative: int | None,
+    ) -> Forecast | None:
+        """The chosen candidate's predicted value at its next step and at the final step (the
+        run length, else the deepest step observed), and both acquisition values, in the
+        history's units. NOTE: called after the choice; it draws no random number."""
+        if not self.settings.explain or self._surrogate is None or not self._surrogate.ready:
+            return None
+        c = candidates[chosen]
+        observed_budgets, _ = history.observed()
+        final = max(c.step, history.max_steps - 1 if history.max_steps else int(observed_budgets.max()) - 1)
+        rows = history.candidate_rows([Candidate(c.config, c.step, c.key),
+                                       Candidate(c.config, c.step, c.key, horizon=final)])
+        self._surrogate.set_graphs(history.graph_keys, history.graphs)
+        mean, std = self._surrogate.predict(rows)
+        scale, shift = history.y_std, history.y_mean
+        alt = candidates[alternative] if alternative is not None else None
+        return Forecast(
+            next_step=c.step,
+            next_mean=float(mean[0] * scale + shift),
+            next_std=float(std[0] * scale),
+            final_step=final,
+            final_mean=float(mean[1] * scale + shift),
+            final_std=float(std[1] * scale),
+            gain=float(scores[chosen] * scale),  # NOTE: EI scales with the values' unit
+            alternative_gain=float(scores[alternative] * scale) if alternative is not None else None,
+            alternative_key=alt.key if alt is not None else None,
+            alternative_new=alt is not None and alt.key is None,
+            per_step=self.settings.target == "final",
+        )
 
     def _thaw_candidates(self, history: History) -> list[Candidate]:
         max_steps = history.max_steps
