@@ -238,15 +238,23 @@ def build_lineages(
 ) -> list[Lineage]:
     """Group trials into lineages; WAITING trials (not yet started) are left out, except that a
     waiting retry keeps its lineage running. ``exclude``: a trial number to leave out (the
-    trial being decided)."""
+    trial being decided). The full rebuild; lineage_index.py keeps the same result up to date."""
     view = view or StudyView(now=time.time())
+    groups, pending = group_segments(trials, predecessor, exclude=exclude)
+    return [_make_lineage(root, ts, view, root in pending) for root, ts in groups]
+
+
+def group_segments(
+    trials: Sequence[FrozenTrial], predecessor_of: Callable[[FrozenTrial], int | None], *, exclude: int | None = None
+) -> tuple[list[tuple[int, list[FrozenTrial]]], set[int]]:
+    """(root, segments by number) per lineage, by root, and the roots a WAITING retry continues."""
     started = [t for t in trials if t.number != exclude]
     by_number = {t.number: t for t in started if t.state != TrialState.WAITING}
-    waiting = [t for t in started if t.state == TrialState.WAITING and predecessor(t) is not None]
+    waiting = [t for t in started if t.state == TrialState.WAITING and predecessor_of(t) is not None]
 
     def root_of(number: int) -> int:
         root, seen = number, set()
-        while (prev := predecessor(by_number[root])) is not None and prev in by_number and root not in seen:
+        while (prev := predecessor_of(by_number[root])) is not None and prev in by_number and root not in seen:
             seen.add(root)
             root = prev
         return root
@@ -254,16 +262,15 @@ def build_lineages(
     groups: dict[int, list[FrozenTrial]] = {}
     for t in by_number.values():
         groups.setdefault(root_of(t.number), []).append(t)
-    pending = {root_of(p) for t in waiting if (p := predecessor(t)) in by_number}
-    return [
-        _make_lineage(root, sorted(ts, key=lambda t: t.number), view, root in pending)
-        for root, ts in sorted(groups.items())
-    ]
+    pending = {root_of(p) for t in waiting if (p := predecessor_of(t)) in by_number}
+    return [(root, sorted(ts, key=lambda t: t.number)) for root, ts in sorted(groups.items())], pending
 
 
 def lineages(study: Study, view: StudyView | None = None) -> list[Lineage]:
     """Every configuration of ``study`` with its params, stitched curve, state, checkpoints, trials."""
-    return build_lineages(all_trials(study), view or study_view(study))
+    from optuna_fms.lineage_index import study_lineages  # NOTE: kept up to date, not rebuilt
+
+    return study_lineages(study, view or study_view(study))
 
 
 def all_trials(study: Study) -> list[FrozenTrial]:
@@ -493,15 +500,22 @@ def _checkpoints_of(trial: FrozenTrial) -> list[CheckpointRecord]:
     return out
 
 
-def _make_lineage(root: int, trials: list[FrozenTrial], view: StudyView, retry_pending: bool = False) -> Lineage:
+def _make_lineage(
+    root: int,
+    trials: list[FrozenTrial],
+    view: StudyView,
+    retry_pending: bool = False,
+    checkpoints_of: Callable[[FrozenTrial], list[CheckpointRecord]] | None = None,
+) -> Lineage:
     # NOTE: a retry copies its failed trial's system attrs, checkpoint records included, so
     # records are de-duplicated by artifact; checkpoints found bad or deleted are left out.
+    checkpoints_of = checkpoints_of or _checkpoints_of
     seen: dict[str, CheckpointRecord] = {}
     curve: dict[int, float] = {}
     crashes = lost = 0
     params: dict[str, Any] = {}
     for t in trials:
-        for rec in _checkpoints_of(t):
+        for rec in checkpoints_of(t):
             if rec.artifact_id not in view.bad_checkpoints and rec.artifact_id not in view.deleted_checkpoints:
                 seen.setdefault(rec.artifact_id, rec)
         # NOTE: a parameter a later segment added (the search space grew) is drawn once and

@@ -11,6 +11,7 @@ from optuna.pruners import BasePruner
 from optuna_fms import explain, lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
+from optuna_fms.lineage_index import study_lineages
 from optuna_fms.graph_source import GraphSource
 from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.surrogate import FitSettings
@@ -115,28 +116,29 @@ class FMSPruner(BasePruner):
         else:
             policy, lock, graphs = self._own, self._own_lock, self._own_graphs
         view = lin_mod.study_view(study, sampler.recovery if shared else None)
-        with lock:
-            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
-            mine = lin_mod.find_lineage(lineages, trial.number)
-            if mine is None:
-                return Decision("continue", reason="trial not found")
-            if mine.tail.number != trial.number:
-                # NOTE: its lease expired and another trial resumed the lineage: this one is a
-                # zombie (a worker slower than the lease), so it stops here.
-                return Decision("superseded", reason=f"superseded: trial {mine.tail.number} resumed this lineage")
-            lin_mod.renew_lease(study, trial, view)
-            resumable = shared and bool(mine.checkpoints)
-            if shared and not mine.checkpoints:
-                warn_once(
-                    f"no-checkpoint:{study._study_id}",
-                    f"Trial {trial.number} reported before saving any checkpoint, so FMS cannot "
-                    "resume it: freezing would end it. Call optuna_fms.save_checkpoint before "
-                    "trial.report to make runs resumable.",
-                )
-            space = engine_space(optuna_search_space(study), policy.settings.ordered_choices)
-            history = make_history(
-                study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps), graph_source=graphs
+        # NOTE: everything is read outside the lock; under it runs only the engine's decision.
+        lineages = study_lineages(study, view)
+        mine = lin_mod.find_lineage(lineages, trial.number)
+        if mine is None:
+            return Decision("continue", reason="trial not found")
+        if mine.tail.number != trial.number:
+            # NOTE: its lease expired and another trial resumed the lineage: this one is a
+            # zombie (a worker slower than the lease), so it stops here.
+            return Decision("superseded", reason=f"superseded: trial {mine.tail.number} resumed this lineage")
+        lin_mod.renew_lease(study, trial, view)
+        resumable = shared and bool(mine.checkpoints)
+        if shared and not mine.checkpoints:
+            warn_once(
+                f"no-checkpoint:{study._study_id}",
+                f"Trial {trial.number} reported before saving any checkpoint, so FMS cannot "
+                "resume it: freezing would end it. Call optuna_fms.save_checkpoint before "
+                "trial.report to make runs resumable.",
             )
+        space = engine_space(optuna_search_space(study), policy.settings.ordered_choices)
+        history = make_history(
+            study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps), graph_source=graphs
+        )
+        with lock:
             return policy.should_continue(
                 history,
                 mine.id,

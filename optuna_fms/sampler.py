@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_fms import explain, finish as finish_mod, lineage as lin_mod
 from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
+from optuna_fms.lineage_index import study_lineages
 from optuna_fms.graph_source import GraphSource
 from optuna_fms.reporting import TrialReporter
 from optuna_fms.engine.policy import FreezeThawPolicy, PolicySettings
@@ -115,9 +116,11 @@ class FMSSampler(BaseSampler):
         self.recovery = recovery or lin_mod.RecoverySettings()
         self.graph_source = GraphSource(artifact_store) if weights is not None else None
         self._independent = independent_sampler or RandomSampler(seed=seed)
-        # NOTE: with n_jobs > 1 the threads share this object; the lock serializes decisions
-        # (and thereby claims) within a process, and the pruner takes it too.
+        # NOTE: with n_jobs > 1 the threads share this object; the lock serializes the engine's
+        # decisions (never storage or artifact I/O), and the pruner takes it too. Lineages a
+        # thread is claiming are in _thawing, so the process's other decisions pass them over.
         self.lock = threading.RLock()
+        self._thawing: set[int] = set()
         self._new_configs: dict[int, dict[str, Any]] = {}
         self._spaces: dict[int, dict[str, BaseDistribution]] = {}
         self._last_space: Any = None
@@ -132,8 +135,7 @@ class FMSSampler(BaseSampler):
         view = lin_mod.study_view(study, self.recovery)
         lin_mod.renew_lease(study, trial, view)  # NOTE: first: a retry inherits its dead trial's lease
         if lin_mod.is_retry(trial):
-            with self.lock:
-                self._continue_retry(study, trial, view)
+            self._continue_retry(study, trial, view)  # NOTE: decides nothing, so takes no lock
             return
         if "fixed_params" in trial.system_attrs:
             return  # enqueued trials are decided already (GridSampler's rule)
@@ -147,9 +149,11 @@ class FMSSampler(BaseSampler):
                 "FMSSampler runs without FMSPruner: no run is ever frozen, so nothing can be "
                 "thawed; FMSSampler only chooses new configurations (scored at their final step).",
             )
+        # NOTE: storage and artifacts are read (and checkpoints verified, claims written)
+        # outside the lock; under it runs only the engine's decision on what was read.
+        distributions = optuna_search_space(study)
+        space = engine_space(distributions, self.policy.settings.ordered_choices)
         with self.lock:
-            distributions = optuna_search_space(study)
-            space = engine_space(distributions, self.policy.settings.ordered_choices)
             if self._last_space is not None and self._last_space.dimensions and space != self._last_space:
                 warn_once(
                     f"space:{study._study_id}:{tuple(space.names)}",
@@ -157,34 +161,41 @@ class FMSSampler(BaseSampler):
                     "longer thawed, and other parameters are sampled independently.",
                 )
             self._last_space = space
-            lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view)
-            max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
-            history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
-            new_step = 0 if can_thaw or not max_steps else max_steps - 1
-            by_id = {lin.id: lin for lin in lineages}
-            if self._finish is not None:  # finish_best asked for this lineage
-                key, self._finish = self._finish, None
-                if finish_mod.thaw_to_the_end(self, study, trial, by_id.get(key), view):
-                    return
-            lost: dict[int, str] = {}
-            sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
-            while True:
-                decision = self.policy.choose_next(history, exclude=frozenset(lost), new_step=new_step)
+        lineages = study_lineages(study, view)
+        max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
+        history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
+        new_step = 0 if can_thaw or not max_steps else max_steps - 1
+        by_id = {lin.id: lin for lin in lineages}
+        with self.lock:
+            key, self._finish = self._finish, None
+        if key is not None and finish_mod.thaw_to_the_end(self, study, trial, by_id.get(key), view):
+            return  # finish_best asked for this lineage
+        lost: dict[int, str] = {}
+        sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+        while True:
+            with self.lock:
+                decision = self.policy.choose_next(history, exclude=frozenset(set(lost) | self._thawing),
+                                                   new_step=new_step)
                 if decision.action != "thaw" or decision.key is None:
                     break
-                chosen = by_id[decision.key]
+                self._thawing.add(decision.key)  # NOTE: no other thread of this process picks it meanwhile
+            chosen = by_id[decision.key]
+            try:
                 resume = self._verified_resume(study, chosen)
                 if resume is not None and lin_mod.claim(study, trial, chosen.tail.number, view):
                     said = explain.thaw_sentence(chosen.id, resume.step + 1, decision, sign)
                     lin_mod.mark_thaw(study, trial, chosen, said, resume)
                     explain.record_start(study, trial, decision, said, thawed=chosen.id, skipped=lost)
                     return
-                lost[decision.key] = "no readable checkpoint" if resume is None else "another trial claimed it"
-            self._new_configs[trial._trial_id] = decision.config or {}
-            self._spaces[trial._trial_id] = distributions
-            lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
-            explain.record_start(study, trial, decision, explain.new_sentence(decision, sign), thawed=None,
-                                 skipped=lost)
+            finally:
+                with self.lock:
+                    self._thawing.discard(decision.key)
+            lost[decision.key] = "no readable checkpoint" if resume is None else "another trial claimed it"
+        self._new_configs[trial._trial_id] = decision.config or {}
+        self._spaces[trial._trial_id] = distributions
+        lin_mod.set_user_attr(study, trial, lin_mod.USER_LINEAGE, trial.number)
+        explain.record_start(study, trial, decision, explain.new_sentence(decision, sign), thawed=None,
+                             skipped=lost)
 
     def _continue_retry(self, study: Study, trial: FrozenTrial, view: lin_mod.StudyView) -> None:
         """A retry (Optuna's heartbeat callback) continues its own lineage and decides nothing.
@@ -194,7 +205,7 @@ class FMSSampler(BaseSampler):
         left to continue (lost claim, failed lineage, no readable checkpoint) it is cut loose and
         runs its copied params from scratch as a lineage of its own.
         """
-        lineages = lin_mod.build_lineages(lin_mod.all_trials(study), view, exclude=trial.number)
+        lineages = study_lineages(study, view, exclude=trial.number)
         failed_number = lin_mod.predecessor(trial)
         lineage = lin_mod.find_lineage(lineages, failed_number) if failed_number is not None else None
         why = None
@@ -251,13 +262,13 @@ class FMSSampler(BaseSampler):
 
         pruner = study.pruner
         can_thaw = isinstance(pruner, FMSPruner)
+        space = engine_space(search_space, self.policy.settings.ordered_choices)
+        lineages = study_lineages(study, lin_mod.study_view(study, self.recovery))
+        max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
+        history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
+        new_step = 0 if can_thaw or not max_steps else max_steps - 1
+        every = frozenset(record.key for record in history.lineages)
         with self.lock:
-            space = engine_space(search_space, self.policy.settings.ordered_choices)
-            lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False))
-            max_steps = inferred_max_steps(lineages, pruner.max_steps if can_thaw else None)
-            history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
-            new_step = 0 if can_thaw or not max_steps else max_steps - 1
-            every = frozenset(record.key for record in history.lineages)
             decision = self.policy.choose_next(history, exclude=every, new_step=new_step)
         return decision.config or {}
 

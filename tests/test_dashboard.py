@@ -77,3 +77,39 @@ def test_dashboard_shows_the_lineage_figure_and_a_note_per_trial(tmp_path) -> No
     for trial in study.trials:
         assert notes[trial.number].startswith("## Lineage "), trial.number
         assert f"| {trial.number} (this trial) |" in notes[trial.number]
+
+
+def _delete(app, path: str) -> str:
+    environ = {"REQUEST_METHOD": "DELETE", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "80", "wsgi.input": io.BytesIO(), "wsgi.url_scheme": "http",
+               "wsgi.errors": io.StringIO()}
+    status = []
+    b"".join(app(environ, lambda s, headers, exc=None: status.append(s)))
+    return status[0]
+
+
+def test_a_checkpoint_deleted_in_the_dashboard_falls_back_to_the_newest_good_one(tmp_path, isolated_warnings) -> None:
+    from optuna_dashboard import wsgi
+    from test_recovery import add_lineage, make_study, objective
+
+    from optuna_fms import lineage as lin_mod
+
+    storage = f"sqlite:///{tmp_path / 'fms.db'}"
+    store = FileSystemArtifactStore(str(tmp_path))
+    study = make_study(storage, store)
+    a = add_lineage(study, 0.9, 3, frozen=True)  # the best frozen lineage: the next trial thaws it
+    for x in (0.5, 0.1, 0.2):
+        add_lineage(study, x, 3 if x == 0.5 else 6, frozen=x == 0.5)
+    newest = optuna_fms.lineages(study)[0].checkpoint_at_or_before(None)
+    app = wsgi(optuna.storages.RDBStorage(storage), artifact_store=store)
+    # NOTE: what the delete button does: remove the file, then clear the artifact's attrs (the
+    # trial's write fails, as the trial is finished; the file is gone all the same).
+    _delete(app, f"/api/artifacts/{study._study_id}/{newest.trial_id}/{newest.artifact_id}")
+    assert not (tmp_path / newest.artifact_id).exists()
+    study.optimize(objective, n_trials=2)  # nothing crashes
+    thaw = study.trials[4]
+    assert thaw.system_attrs[lin_mod.PARENT] == a and thaw.state == optuna.trial.TrialState.COMPLETE
+    assert lin_mod.resume_record(thaw).step == 1 and thaw.user_attrs[lin_mod.USER_START_STEP] == 2
+    assert "unusable" in thaw.user_attrs[lin_mod.USER_FALLBACK]
+    lin = optuna_fms.lineages(study)[0]
+    assert newest.artifact_id not in {c.artifact_id for c in lin.checkpoints} and sorted(lin.curve) == list(range(6))

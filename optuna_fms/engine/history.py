@@ -160,7 +160,9 @@ class History:
         n, length = len(configs), self.curve_length
         curve = np.zeros((n, length))
         mask = np.zeros((n, length))
-        graph = np.array([self._start_graph(c) for c in configs], dtype=np.int64)
+        starts: dict[int, int] = {}  # NOTE: per config object, as encode_many
+        graph = np.array([starts[id(c)] if id(c) in starts else starts.setdefault(id(c), self._start_graph(c))
+                          for c in configs], dtype=np.int64)
         for i, (step, key, prefix) in enumerate(zip(steps, keys, prefixes)):
             lin = self.by_key.get(key) if key is not None else None
             if lin is None:
