@@ -91,7 +91,7 @@ def screenshot(url: str, png: Path, *, width: int = 1400, height: int = 900, bud
     subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}",
          f"--virtual-time-budget={budget_ms}", f"--screenshot={png}", url],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600,
     )
     if not png.is_file():
         raise RuntimeError(f"Chromium wrote no screenshot of {url}")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact-dir", type=Path, default=None, help="default: fms-artifacts/ next to --db")
     parser.add_argument("--study-id", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--height", type=int, default=900)
+    parser.add_argument("--height", type=int, default=2000, help="tall enough for the lineage figure below the built-in plots")
     args = parser.parse_args(argv)
     db = args.db.resolve()
     artifacts = (args.artifact_dir or db.parent / "fms-artifacts").resolve()
