@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         s["epochs"] += len(lin.curve)
         s["best_val"] = max(s["best_val"], v if v is not None else 0.0)
     wall_s = time.perf_counter() - t0
+    cpu_s = time.process_time()  # NOTE: one torch thread: about the wall time on an idle core
     rows = "\n".join(f"  {m:<17} {s['lineages']:>3} lineages {s['epochs']:>4} epochs   best val {s['best_val']:.3f}"
                      for m, s in sorted(per_model.items()))
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
@@ -470,11 +471,12 @@ Best lineage:   {best.id} ({best.state}): {params}
 Per model:
 {rows}
 Lineages:       {len(lins)}, by state {dict(sorted(Counter(lin.state for lin in lins).items()))}; {sum(lin.n_thaws for lin in lins)} thaws
-Wall time:      {wall_s:.1f} s (data and MiniLM cache {prep_s:.1f} s, search {search_s:.1f} s)
+Wall time:      {wall_s:.1f} s (data and MiniLM cache {prep_s:.1f} s, search {search_s:.1f} s); CPU time {cpu_s:.1f} s
 """, flush=True)
     result = {"best_model": name, "best_params": best.params, "best_val": val, "best_step": step,
               "test_acc": test_acc, "per_model": per_model, "n_trials": len(study.trials),
-              "states": dict(Counter(lin.state for lin in lins)), "wall_s": wall_s, "prep_s": prep_s}
+              "states": dict(Counter(lin.state for lin in lins)), "wall_s": wall_s, "prep_s": prep_s,
+              "cpu_s": cpu_s}
     (out / "minilm-summary.json").write_text(json.dumps(result, indent=1, default=str))
     return {**result, "study": study, "task": task}
 
