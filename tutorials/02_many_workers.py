@@ -18,8 +18,8 @@ lease_seconds=...))`` frees a silent trial's lineage after its lease instead.
 
 Run it (PostgreSQL on 127.0.0.1:5432, database ``test``; ``--storage`` for another)::
 
-    python tutorials/02_many_workers.py            # 4 workers x 20 trials, runs of 12 epochs (~5 min on 2 cores)
-    python tutorials/02_many_workers.py --smoke    # 2 workers, a few trials (about a minute)
+    python tutorials/02_many_workers.py            # 4 workers x 20 trials, runs of 12 epochs
+    python tutorials/02_many_workers.py --smoke    # 2 workers, 8 trials in all (2 min on a shared 2-core machine)
 
 The coordinator (this script without ``--worker``) creates the study under a unique name,
 registers the pretrained weights, starts the workers as subprocesses of this same file
