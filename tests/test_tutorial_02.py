@@ -41,8 +41,8 @@ def test_many_workers_share_a_study_and_recover_a_killed_one(tmp_path, capsys) -
 
         # Every worker ran trials of the one study; w0 died in its second (--smoke: crash at 2).
         assert summary["workers"]["w0"] == 2 and summary["workers"]["w1"] == 5
-        assert summary["workers"]["replacement"] == 2
-        assert len(trials) == 10
+        assert summary["workers"]["replacement"] == 1
+        assert len(trials) == 8
 
         # The killed trial was failed by Optuna's heartbeat, retried, and its lineage continued
         # from the checkpoint it saved in the shared folder before it died.
