@@ -1,0 +1,31 @@
+"""optuna-fms as an OptunaHub package: the sampler and pruner of the installed ``optuna_fms``.
+
+NOTE: nothing is copied here; the package is ``pip install optuna-fms`` (see requirements.txt), so
+the hub module and the library can never disagree.
+"""
+
+from optuna_fms import (
+    DashboardPublisher,
+    FMSPruner,
+    FMSSampler,
+    RecoverySettings,
+    RetentionCallback,
+    best_lineage,
+    lineages,
+    load_checkpoint,
+    register_pretrained,
+    save_checkpoint,
+)
+
+__all__ = [
+    "DashboardPublisher",
+    "FMSPruner",
+    "FMSSampler",
+    "RecoverySettings",
+    "RetentionCallback",
+    "best_lineage",
+    "lineages",
+    "load_checkpoint",
+    "register_pretrained",
+    "save_checkpoint",
+]
