@@ -62,6 +62,11 @@ class FMSSampler(BaseSampler):
         recovery: How crashed segments come back: the lease that frees a lineage whose worker
             died without Optuna's heartbeat, and how many crashes a lineage survives (see
             :class:`optuna_fms.RecoverySettings`).
+        prior: A surrogate pretrained on finished studies (a file written by
+            :func:`optuna_fms.pretrain_surrogate`): every full fit starts from it instead of a
+            random initialization, and keeps learning from this study's data. Parameters are
+            matched to the prior's by name and distribution (README, Transfer). A file that
+            cannot be read or does not fit these settings raises :class:`optuna_fms.PriorError`.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class FMSSampler(BaseSampler):
         promotion_probability: float = 0.0,
         input_kernel: bool = False,
         recovery: lin_mod.RecoverySettings | None = None,
+        prior: Any = None,
     ) -> None:
         if target not in ("final", "next", "horizon"):
             raise ValueError(f"target must be 'next', 'horizon' or 'final', got {target!r}.")
@@ -97,6 +103,12 @@ class FMSSampler(BaseSampler):
             input_kernel=input_kernel,
             fit=fit_settings or FitSettings(),
         )
+        if prior is not None:
+            from optuna_fms.transfer import resolve_prior
+
+            settings.prior = resolve_prior(prior)
+            # NOTE: checked now, so a prior that does not fit fails before the study starts.
+            settings.prior.check_compatible(weights=weights, use_curve=use_learning_curve)
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
         self.recovery = recovery or lin_mod.RecoverySettings()

@@ -52,6 +52,8 @@ class PolicySettings:
     promotion_probability: float = 0.0
     promotion_eta: int = 3
     fit: FitSettings = field(default_factory=FitSettings)
+    # A pretrained surrogate (engine/prior.py) every full fit starts from; None: a random start.
+    prior: Any = None
 
 
 @dataclass
@@ -261,6 +263,7 @@ class FreezeThawPolicy:
             self._surrogate is None
             or self._surrogate.config_dim != history.space.width
             or self._surrogate.weights != weights
+            or (self.settings.prior is not None and self._surrogate.space != history.space)
         ):
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
@@ -271,6 +274,7 @@ class FreezeThawPolicy:
                 settings=self.settings.fit,
                 seed=self._seed,
                 device=self._device,
+                **({"prior": self.settings.prior, "space": history.space} if self.settings.prior is not None else {}),
             )
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
         forecast = self._seed + history.n_observations if self.settings.target in ("final", "horizon") else None
