@@ -219,22 +219,22 @@ def _study(storage, prior=None, weights="gmn", seed=0) -> optuna.Study:
 
 def test_pretrain_on_a_finished_study_and_start_a_new_one_from_it(tmp_path) -> None:
     first = _study(f"sqlite:///{tmp_path / 'first.db'}")
-    first.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=8)
+    first.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=6)
     path = tmp_path / "prior.safetensors"
     described = optuna_fms.pretrain_surrogate([first], path, steps=20, weight_graphs=8)
     source = described["trained_on"][0]
-    assert source["name"] == first.study_name and source["graphs"] > 0 and source["observations"] >= 8
+    assert source["name"] == first.study_name and source["graphs"] > 0 and source["observations"] >= 6
     assert described["weights"] == "gmn"
     prior = load_prior(path)
     assert any(k.startswith("extractor.weights.net.") for k in prior.tensors)  # the metanetwork is in it
     second = _study(optuna.storages.InMemoryStorage(), prior=path)
-    second.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=6)
+    second.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=5)
     surrogate = second.sampler.policy._surrogate
     assert surrogate is not None and surrogate.prior is not None and surrogate.ready
-    assert len(second.trials) == 6 and any(t.state == optuna.trial.TrialState.PRUNED for t in second.trials)
+    assert len(second.trials) == 5 and any(t.state == optuna.trial.TrialState.PRUNED for t in second.trials)
     # the same prior without weights in the new study: the "no weights" embedding is folded into the head
     third = _study(optuna.storages.InMemoryStorage(), prior=path, weights=None)
-    third.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=5)
+    third.optimize(finetune_objective(EPOCHS, architecture=ARCH), n_trials=4)
     assert third.sampler.policy._surrogate.ready
 
 

@@ -16,8 +16,8 @@ new study's own trials.
 
 Run it::
 
-    python tutorials/03_transfer.py            # ~5 min on 2 CPU cores
-    python tutorials/03_transfer.py --smoke    # a few seconds' worth of trials (what the tests run)
+    python tutorials/03_transfer.py            # 40 trials x 8 epochs per study (not timed yet)
+    python tutorials/03_transfer.py --smoke    # 6 trials x 3 epochs per study, what the tests run
 """
 
 from __future__ import annotations

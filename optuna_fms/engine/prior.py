@@ -118,11 +118,12 @@ class Prior:
                 if name == "config_net.0.weight":
                     # NOTE: the layout's columns, then zeros for this study's own parameters, then the budget.
                     target.zero_()
+                    source = source.to(target)
                     target[:, :slots] = source[:, :slots]
                     target[:, -1] = source[:, -1]
                 elif name == "unknown":
                     target.zero_()
-                    target[:slots] = source[:slots]
+                    target[:slots] = source.to(target)[:slots]
                 elif name == "head.0.weight" and source is not None and source.shape != target.shape:
                     self._fit_head(own, state, input_map)
                 elif name == "head.0.bias":
@@ -152,7 +153,7 @@ class Prior:
         pw, pb = state["head.0.weight"], state["head.0.bias"]
         shared = min(w.shape[1], pw.shape[1])
         w.zero_()
-        w[:, :shared] = pw[:, :shared]
+        w[:, :shared] = pw.to(w)[:, :shared]
         b.copy_(pb)
         if pw.shape[1] > w.shape[1]:
             missing = state["weights.missing"].to(pw)
