@@ -261,3 +261,32 @@ def test_without_a_prior_a_seeded_study_decides_as_before(monkeypatch) -> None:
     monkeypatch.setattr(layout.InputLayout, "input_map", untouchable)
     monkeypatch.setattr(prior.Prior, "warm_start", untouchable)
     assert run() == reference
+
+
+def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly() -> None:
+    """weights=None from a metanetwork prior: the head absorbs the learned "no weights" embedding,
+    so it predicts what the full prior predicts for rows without weights."""
+    from optuna_fms.graphs.build import build_graph
+
+    graphs = {name: build_graph(state, ARCH) for name, state in digits_task().pretrained.items()}
+    space = SearchSpace([LR, Dimension("model", "categorical", choices=("good", "weak"))])
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        config = {"lr": float(10 ** rng.uniform(-4, 0)), "model": ("good", "weak")[i % 2]}
+        steps = list(range(1 + i % 4))
+        records.append(LineageRecord(i, config, steps, [(0.9 if i % 2 == 0 else 0.3) * (s + 1) / 4 for s in steps]))
+    # NOTE: "weak" rows start from no weights, so the prior learns its "no weights" embedding
+    source = History(space, records, max_steps=4, graphs=graphs,
+                     initial_weights=lambda c: "good" if c["model"] == "good" else None)
+    prior = pretrain([source], weights="gmn", settings=PretrainSettings(steps=20, weight_graphs=2))
+    assert prior.weights == "gmn" and prior.tensors["extractor.weights.missing"].abs().max() > 1e-3
+    plain = History(space, records, max_steps=4)  # the same rows, no weights anywhere
+    rows, y, keep = plain.training_rows()
+    predictions = []
+    for weights in ("gmn", None):
+        s = DeepKernelSurrogate(space.width, weights, settings=FitSettings(full_steps=0), prior=prior, space=space)
+        s.fit(rows, y, keep=keep)
+        predictions.append(s.predict(rows))
+    assert np.allclose(predictions[0][0], predictions[1][0], atol=1e-6)
+    assert np.allclose(predictions[0][1], predictions[1][1], atol=1e-6)
