@@ -290,3 +290,5 @@ def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly() -> None:
         predictions.append(s.predict(rows))
     assert np.allclose(predictions[0][0], predictions[1][0], atol=1e-6)
     assert np.allclose(predictions[0][1], predictions[1][1], atol=1e-6)
+    with pytest.raises(optuna_fms.PriorError, match="weights='gmn'; a surrogate with weights='flat'"):
+        DeepKernelSurrogate(space.width, "flat", prior=prior, space=space)
