@@ -19,6 +19,7 @@ from optuna_fms.pruner import FMSPruner
 from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage
 from optuna_fms.rng import TrialRNG
 from optuna_fms.sampler import FMSSampler
+from optuna_fms.transfer import PriorError, pretrain_surrogate
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     "FMSPruner",
     "FMSSampler",
     "Lineage",
+    "PriorError",
+    "pretrain_surrogate",
     "RecoverySettings",
     "RetentionCallback",
     "RetentionReport",

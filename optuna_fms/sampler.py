@@ -73,6 +73,11 @@ class FMSSampler(BaseSampler):
         dashboard_every: Trials between two refreshes of the figure.
         progress: After each trial, one INFO line on the ``optuna.fms`` logger: trials, steps
             spent, the best value so far and the lineages by state. False: none.
+        prior: A surrogate pretrained on finished studies (a file written by
+            :func:`optuna_fms.pretrain_surrogate`): every full fit starts from it instead of a
+            random initialization, and keeps learning from this study's data. Parameters are
+            matched to the prior's by name and distribution (README, Transfer). A file that
+            cannot be read or does not fit these settings raises :class:`optuna_fms.PriorError`.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class FMSSampler(BaseSampler):
         dashboard: bool = True,
         dashboard_every: int = 10,
         progress: bool = True,
+        prior: Any = None,
     ) -> None:
         if target not in ("final", "next", "horizon", "new-horizon"):
             raise ValueError(f"target must be 'next', 'horizon', 'new-horizon' or 'final', got {target!r}.")
@@ -111,6 +117,12 @@ class FMSSampler(BaseSampler):
             input_kernel=input_kernel,
             fit=fit_settings or FitSettings(),
         )
+        if prior is not None:
+            from optuna_fms.transfer import resolve_prior
+
+            settings.prior = resolve_prior(prior)
+            # NOTE: checked now, so a prior that does not fit fails before the study starts.
+            settings.prior.check_compatible(weights=weights, use_curve=use_learning_curve)
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
         self.recovery = recovery or lin_mod.RecoverySettings()

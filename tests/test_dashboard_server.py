@@ -25,7 +25,8 @@ from tasks import digits_task, finetune_objective, make_model  # noqa: E402
 
 # NOTE: the decision attrs the dashboard must show; extend these lists as optuna-fms writes more.
 EVERY_TRIAL_ATTRS = ["fms:lineage", "fms:decision", "fms:checkpoint_step"]
-THAW_ATTRS = ["fms:parent", "fms:start_step", "fms:resume"]  # on each trial that continues a lineage
+THAW_ATTRS = ["fms:parent", "fms:start_step", "fms:resume", "fms:thaw_reason"]  # each trial continuing a lineage
+NEW_ATTRS = ["fms:new_reason"]  # on each trial that starts a new configuration
 CHECKPOINT_NAME = re.compile(r"lineage-(\d{4})-step-(\d{4})\.safetensors")
 TUTORIAL_04 = Path(__file__).resolve().parents[1] / "tutorials" / "04_dashboard.py"
 
@@ -88,6 +89,9 @@ def test_the_dashboard_shows_decisions_notes_the_figure_and_named_artifacts(fini
             assert attrs["fms:lineage"] == str(lin.id)
             if trial.number != lin.id:  # a thaw: where it resumed from
                 for key in THAW_ATTRS:
+                    assert key in attrs, (trial.number, key)
+            else:
+                for key in NEW_ATTRS:
                     assert key in attrs, (trial.number, key)
             # The note on every trial tells its lineage's story.
             assert shown["note"]["body"].startswith(f"## Lineage {lin.id} ("), trial.number

@@ -58,6 +58,8 @@ class PolicySettings:
     # NOTE: a decision also carries a Forecast (one more surrogate query of two rows, after the
     # choice is made, so it changes no decision); False leaves it out.
     explain: bool = True
+    # A pretrained surrogate (engine/prior.py) every full fit starts from; None: a random start.
+    prior: Any = None
 
 
 @dataclass
@@ -334,6 +336,7 @@ class FreezeThawPolicy:
             self._surrogate is None
             or self._surrogate.config_dim != history.space.width
             or self._surrogate.weights != weights
+            or (self.settings.prior is not None and self._surrogate.space != history.space)
         ):
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
@@ -344,6 +347,7 @@ class FreezeThawPolicy:
                 settings=self.settings.fit,
                 seed=self._seed,
                 device=self._device,
+                **({"prior": self.settings.prior, "space": history.space} if self.settings.prior is not None else {}),
             )
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
         forecast = self._seed + history.n_observations if self.settings.target in _FORECASTING else None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import logging
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import gpytorch
 from linear_operator.utils.errors import NotPSDError
@@ -18,6 +19,10 @@ from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Rows
 from optuna_fms.engine.weights import WeightEncoder
 from optuna_fms.graphs.build import ParameterGraph
+
+if TYPE_CHECKING:
+    from optuna_fms.engine.prior import Prior
+    from optuna_fms.engine.space import SearchSpace
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +46,10 @@ class FeatureExtractor(torch.nn.Module):
         use_curve: bool = True,
         curve_length: int = 16,
         max_graphs: int = 16,
+        unknown: bool = False,
     ) -> None:
+        """``unknown``: the configuration columns may hold the layout's UNKNOWN marker (a prior's
+        slot no parameter fills), replaced by a learned input (engine/layout.py)."""
         super().__init__()
         self.config_dim = config_dim
         self.curve_length = curve_length
@@ -56,10 +64,14 @@ class FeatureExtractor(torch.nn.Module):
         )
         width = hidden + (curve_channels if use_curve else 0) + embedding_dim
         self.head = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.LeakyReLU())
+        # NOTE: created last and only with a prior, so the default network is the one it always was.
+        self.unknown = torch.nn.Parameter(torch.zeros(config_dim)) if unknown else None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         length = self.curve_length
         x, budget, curve, mask, graph = torch.split(packed, [self.config_dim, 1, length, length, 1], dim=-1)
+        if self.unknown is not None:
+            x = torch.where(x < -0.5, self.unknown.expand_as(x), x)  # -0.5: below any encoded value
         parts = [self.config_net(torch.cat([x, budget], dim=-1))]
         if self.use_curve:
             parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
@@ -110,7 +122,11 @@ class DeepKernelSurrogate:
         settings: FitSettings | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        prior: Prior | None = None,
+        space: SearchSpace | None = None,
     ) -> None:
+        """``prior`` (with the ``space`` the rows encode): every fit from scratch starts from the
+        pretrained parameters instead of a random initialization (engine/prior.py)."""
         self.config_dim = config_dim
         self.weights = weights
         self.input_kernel = input_kernel
@@ -125,6 +141,17 @@ class DeepKernelSurrogate:
         self._fitted_on = 0  # observations at the last fit from scratch
         self._graph_table: tuple[list[str], Mapping[str, ParameterGraph]] = ([], {})
         self._lock = threading.RLock()
+        self.prior = prior
+        self.space = space
+        if prior is not None:
+            if space is None or space.width != config_dim:
+                raise ValueError("A surrogate with a prior needs the search space its rows encode.")
+            prior.check_compatible(weights=weights, use_curve=use_curve, curve_length=curve_length)
+        self._input_map = prior.layout.input_map(space) if prior is not None and space is not None else None
+
+    def _pack(self, rows: Rows) -> np.ndarray:
+        # NOTE: with a prior the configuration columns are those of the prior's layout.
+        return pack(rows if self._input_map is None else replace(rows, x=self._input_map.apply(rows.x)))
 
     @property
     def ready(self) -> bool:
@@ -148,7 +175,7 @@ class DeepKernelSurrogate:
         """
         with self._lock:
             index = _subsample(len(rows), self.settings.max_rows, keep, seed=self._seed + self._n_fits)
-            inputs = torch.as_tensor(pack(rows.take(index)), dtype=self.dtype, device=self.device)
+            inputs = torch.as_tensor(self._pack(rows.take(index)), dtype=self.dtype, device=self.device)
             y = torch.as_tensor(targets[index], dtype=self.dtype, device=self.device)
             from_scratch = (
                 self._model is None or len(rows) - self._fitted_on >= self.settings.refit_every
@@ -189,7 +216,7 @@ class DeepKernelSurrogate:
                 raise RuntimeError("The surrogate has not been fitted.")
             model = self._model
             model.eval()
-            inputs = torch.as_tensor(pack(rows), dtype=self.dtype, device=self.device)
+            inputs = torch.as_tensor(self._pack(rows), dtype=self.dtype, device=self.device)
             with torch.no_grad(), _one_thread(), gpytorch.settings.fast_pred_var(), gpytorch.settings.cholesky_jitter(1e-6):
                 # NOTE: the predictive distribution includes the observation noise, as in DyHPO;
                 # without it a well-observed run's EI collapses to ~0 and it thrashes.
@@ -199,14 +226,22 @@ class DeepKernelSurrogate:
             return mean.cpu().numpy(), std.cpu().numpy()
 
     def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactDKGP:
-        extractor = FeatureExtractor(
-            self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-            max_graphs=self.settings.weight_graphs,
-        )
+        if self.prior is not None and self._input_map is not None:
+            extractor = FeatureExtractor(
+                self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+                max_graphs=self.settings.weight_graphs, unknown=True, **self.prior.network,
+            )
+        else:
+            extractor = FeatureExtractor(
+                self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+                max_graphs=self.settings.weight_graphs,
+            )
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
         model = _ExactDKGP(inputs, y, likelihood, extractor, self.input_kernel).to(device=self.device, dtype=self.dtype)
+        if self.prior is not None and self._input_map is not None:
+            self.prior.warm_start(model, self._input_map)
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)
