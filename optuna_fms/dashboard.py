@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
+import sys
 from typing import TYPE_CHECKING, Any
 
 from optuna.study import StudyDirection
@@ -24,6 +26,23 @@ if TYPE_CHECKING:
     from optuna.study import Study
 
 FIGURE_ID = "fms-lineages"  # NOTE: a fixed id, so each refresh overwrites the figure in place
+
+
+def command(storage: str, artifact_dir: str | Path) -> str:
+    """The shell command that opens ``storage`` in optuna-dashboard with its checkpoints.
+
+    NOTE: it names this interpreter's own optuna-dashboard (relative to the working folder when
+    inside it), since a fresh shell has no virtual environment on its PATH.
+    """
+    exe = Path(sys.executable).parent / "optuna-dashboard"
+    if not exe.exists():
+        name = "optuna-dashboard"
+    else:
+        try:
+            name = str(exe.relative_to(Path.cwd()))
+        except ValueError:
+            name = str(exe)
+    return f"{name} {storage} --artifact-dir {artifact_dir}"
 
 
 def lineage_figure(

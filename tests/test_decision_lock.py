@@ -12,7 +12,7 @@ import pytest
 
 import optuna_fms
 from optuna_fms import lineage as lin_mod
-from test_recovery import add_lineage, make_study, objective, seed_study, value, weights
+from test_recovery import make_study, objective, seed_study, value, weights
 
 pytestmark = pytest.mark.usefixtures("isolated_warnings")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-import sys
 
 import optuna
 import pytest
 
 import optuna_fms
+from scripts import load_script
 
 REGISTRY_ROOT = Path(__file__).resolve().parents[1] / "package"
 PACKAGE = REGISTRY_ROOT / "samplers" / "fms"
@@ -47,11 +46,7 @@ def _load_like_optunahub():
         import optunahub
     except ImportError:  # NOTE: the same import by path, for an environment without it
         name = "optunahub_registry.package.samplers.fms"
-        spec = importlib.util.spec_from_file_location(name, PACKAGE / "__init__.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
+        return load_script(name, PACKAGE / "__init__.py")
     return optunahub.load_local_module(package="samplers/fms", registry_root=str(REGISTRY_ROOT))
 
 
@@ -66,9 +61,7 @@ def test_the_hub_module_is_the_installed_library() -> None:
 
 def test_the_example_runs_in_a_tiny_mode(capsys) -> None:
     pytest.importorskip("optunahub")  # the example is OptunaHub's: it imports optunahub itself
-    spec = importlib.util.spec_from_file_location("fms_hub_example", PACKAGE / "example.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("fms_hub_example", PACKAGE / "example.py")
     summary = example.main(["--trials", "6", "--epochs", "3", "--registry-root", str(REGISTRY_ROOT)])
     printed = capsys.readouterr().out
     assert summary["n_trials"] == 6

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-import sys
 
 import optuna
 import pytest
 import torch
+from scripts import load_script
 
 pytest.importorskip("sklearn")
 
@@ -16,11 +15,7 @@ TUTORIAL = Path(__file__).resolve().parents[1] / "tutorials" / "01_finetune_mode
 
 
 def _load_tutorial():
-    spec = importlib.util.spec_from_file_location("fms_tutorial_01", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fms_tutorial_01", TUTORIAL)
 
 
 def test_finetune_model_hub_tutorial(tmp_path, capsys):

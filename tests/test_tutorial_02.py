@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-import sys
 
 import optuna
 from optuna.trial import TrialState
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from conftest import POSTGRES_URL, _postgres_storage
+from scripts import load_script
 
 pytest.importorskip("sklearn")
 
@@ -19,11 +18,7 @@ TUTORIAL = Path(__file__).resolve().parents[1] / "tutorials" / "02_many_workers.
 
 
 def _load_tutorial():
-    spec = importlib.util.spec_from_file_location("fms_tutorial_02", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fms_tutorial_02", TUTORIAL)
 
 
 @pytest.mark.postgres

@@ -7,10 +7,8 @@ them: 86 MB, and the smoke run takes about a minute).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-import sys
 
 import optuna
 import pytest
@@ -22,17 +20,14 @@ pytest.importorskip("sklearn")
 
 import optuna_fms  # noqa: E402
 from optuna_fms import lineage as lin_mod  # noqa: E402
+from scripts import load_script
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "tutorials" / "05_minilm.py"
 
 
 @pytest.fixture(scope="module")
 def tutorial():
-    spec = importlib.util.spec_from_file_location("fms_tutorial_05", TUTORIAL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fms_tutorial_05", TUTORIAL)
 
 
 def test_wordpiece_gives_bert_uncased_ids(tutorial) -> None:

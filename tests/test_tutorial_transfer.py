@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-import sys
 
 import optuna
 import pytest
 import torch
+from scripts import load_script
 
 pytest.importorskip("sklearn")
 
@@ -16,10 +15,7 @@ TUTORIAL = Path(__file__).resolve().parents[1] / "tutorials" / "03_transfer.py"
 
 
 def test_transfer_tutorial(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("fms_tutorial_03", TUTORIAL)
-    tutorial = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tutorial
-    spec.loader.exec_module(tutorial)
+    tutorial = load_script("fms_tutorial_03", TUTORIAL)
     threads, verbosity = torch.get_num_threads(), optuna.logging.get_verbosity()
     try:
         summary = tutorial.main(["--smoke", "--out", str(tmp_path / "out")])

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_acc = accuracy(model, data["test"])
 
     wall_s = time.perf_counter() - t0
-    dashboard = f"{dashboard_executable()} sqlite:///{db} --artifact-dir {artifacts}"
+    dashboard = optuna_fms.dashboard.command(f"sqlite:///{db}", artifacts)
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     print(f"""
 === Summary ===
@@ -366,17 +366,6 @@ Inspect the study (trials, learning curves, fms:* decisions, checkpoints):
         "dashboard": dashboard,
         "finished": finished,
     }
-
-
-def dashboard_executable() -> str:
-    """optuna-dashboard of this interpreter's environment: a fresh shell has no venv on its PATH."""
-    exe = Path(sys.executable).parent / "optuna-dashboard"
-    if not exe.exists():
-        return "optuna-dashboard"
-    try:
-        return str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        return str(exe)
 
 
 if __name__ == "__main__":

@@ -260,20 +260,9 @@ def run_coordinator(args) -> dict:
 
     study = optuna.load_study(study_name=args.study, storage=storage)
     summary = summarize(study, store)
-    dashboard = (f"{dashboard_executable()} {args.storage} --artifact-dir {args.artifacts}")
+    dashboard = optuna_fms.dashboard.command(args.storage, args.artifacts)
     print(f"Wall time:      {time.perf_counter() - t0:.1f} s\n\nInspect it:\n  {dashboard}\n", flush=True)
     return {**summary, "study": study, "study_name": args.study, "dashboard": dashboard}
-
-
-def dashboard_executable() -> str:
-    """optuna-dashboard of this interpreter's environment: a fresh shell has no venv on its PATH."""
-    exe = Path(sys.executable).parent / "optuna-dashboard"
-    if not exe.exists():
-        return "optuna-dashboard"
-    try:
-        return str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        return str(exe)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

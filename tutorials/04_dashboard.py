@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
               "  " + (", ".join(pretrained) if pretrained else "none (no register_pretrained call)")]
 
     # --- 3. Open it ---------------------------------------------------------------------------
-    command = f"{t01.dashboard_executable()} {storage} --artifact-dir {artifacts}"
+    command = optuna_fms.dashboard.command(storage, artifacts)
     url = f"http://{args.host}:{args.port}/dashboard/studies/{study._study_id}"
     lines += [
         "",
