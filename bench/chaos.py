@@ -13,7 +13,9 @@ read back:
 - lineages lost: a lineage that saved a checkpoint but can neither finish nor be resumed (0);
 - steps with a missing checkpoint: a step of a stitched curve whose checkpoint record is absent
   or whose file is missing or corrupt (0);
-- crashed lineages resumed: lineages with a killed segment that a later segment continued;
+- crashed lineages resumed: lineages with a killed segment that a later segment continued
+  (when the budget is spent, the dead segments are found as the next worker would find them,
+  and one more worker runs the retries that wait, so a kill near the end is resumed too);
 - compute spent (steps trained, the killed ones' included) against useful compute (the steps
   of the stitched curves).
 
@@ -84,7 +86,8 @@ def _steps_run(study: Any) -> int:
     return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
 
 
-def worker(url: str, mode: str, name: str, folder: str, budget: int, log: str, seed: int) -> None:
+def worker(url: str, mode: str, name: str, folder: str, budget: int, log: str, seed: int,
+           drain: bool = False) -> None:
     import optuna
     import torch
 
@@ -118,42 +121,53 @@ def worker(url: str, mode: str, name: str, folder: str, budget: int, log: str, s
             trial.report(loss, step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
+            if step < MAX_STEPS - 1:  # the segment goes on: a kill from here on has a checkpoint behind it
+                events.write(json.dumps({"trial": trial.number, "step": step, "t": time.time(), "continues": True}) + "\n")
         return loss
 
     def enough(study: optuna.Study, _: Any) -> None:
         if _steps_run(study) >= budget:
             study.stop()
 
-    if _steps_run(study) < budget:
+    if drain:  # only the retries that wait (a restarted worker after the budget is spent)
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if waiting:
+            study.optimize(objective, n_trials=len(waiting))
+    elif _steps_run(study) < budget:
         study.optimize(objective, n_trials=10_000, callbacks=[enough])
 
 
 # --- the supervisor ------------------------------------------------------------------------------
 
 
-def _start(args: argparse.Namespace, mode: str, name: str, folder: str, logs: str, i: int) -> subprocess.Popen:
+def _start(args: argparse.Namespace, mode: str, name: str, folder: str, logs: str, i: int,
+           drain: bool = False) -> subprocess.Popen:
     log = os.path.join(logs, f"worker-{i}.jsonl")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-m", "bench.chaos", "--worker", "--storage", args.storage, "--mode", mode,
          "--study", name, "--artifacts", folder, "--budget", str(args.budget), "--log", log,
-         "--seed", str(args.seed + i)],
+         "--seed", str(args.seed + i), *(["--drain"] if drain else [])],
         cwd=Path(__file__).resolve().parent.parent, env=env,
     )
 
 
 def _mid_run(log: str, since: float) -> bool:
     """Is this worker (started at ``since``) inside a segment that has saved a checkpoint: its
-    newest step is not the segment's first, and recent?"""
+    newest line says the segment goes on past a checkpointed step?
+
+    NOTE: "two recent steps of one trial" was not enough: a worker just past its segment's last
+    step is already deciding its next trial, which has no checkpoint yet.
+    """
     try:
         with open(log) as f:
             lines = f.readlines()
     except OSError:
         return False
-    if len(lines) < 2:
+    if not lines:
         return False
-    last, before = json.loads(lines[-1]), json.loads(lines[-2])
-    return last["t"] > since and before["trial"] == last["trial"] and time.time() - last["t"] < 1.0
+    last = json.loads(lines[-1])
+    return last["t"] > since and last.get("continues", False) and time.time() - last["t"] < 2.0
 
 
 def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -198,9 +212,31 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
             p.kill()  # NOTE: over the time limit: these count as kills, too
             kills += 1
         p.wait()
+    if mode == "heartbeat" and time.time() < deadline:  # NOTE: a lease frees its lineage for thaws instead
+        _find_dead_segments(study, mode)
+        drain = _start(args, mode, name, folder, logs, next_index, drain=True)
+        next_index += 1
+        try:
+            drain.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            drain.kill()
+            drain.wait()
+            kills += 1
+    _find_dead_segments(study, mode)
     wall = time.time() - t0
     return {"mode": mode, "study": name, "kills": kills, "workers_started": next_index, "wall_seconds": wall,
             **account(study, folder, logs, mode)}
+
+
+def _find_dead_segments(study: Any, mode: str) -> None:
+    """Wait until every dead segment is detectable, and detect it as the next worker would."""
+    import optuna
+
+    if mode == "heartbeat":
+        time.sleep(GRACE + 1)
+        optuna.storages.fail_stale_trials(study)  # what the next worker does first: retries wait
+    else:
+        time.sleep(LEASE_SECONDS + 1)  # every dead segment's lease has expired
 
 
 def account(study: Any, folder: str, logs: str, mode: str) -> dict[str, Any]:
@@ -212,17 +248,13 @@ def account(study: Any, folder: str, logs: str, mode: str) -> dict[str, Any]:
     from optuna_fms.checkpoints import verify_checkpoint
 
     store = optuna.artifacts.FileSystemArtifactStore(folder)
-    if mode == "heartbeat":
-        time.sleep(GRACE + 1)
-        optuna.storages.fail_stale_trials(study)  # what the next worker would do first
-    else:
-        time.sleep(LEASE_SECONDS + 1)  # every dead segment's lease has expired
     recovery = optuna_fms.RecoverySettings(lease_seconds=LEASE_SECONDS, max_retries=50)
     view = lin_mod.study_view(study, recovery)
     lineages = lin_mod.build_lineages(study.get_trials(deepcopy=False), view)
     events: list[dict[str, Any]] = []
     for log in Path(logs).glob("*.jsonl"):
-        events += [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        events += [e for e in map(json.loads, filter(str.strip, log.read_text().splitlines()))
+                   if not e.get("continues")]  # only the steps trained
     active: dict[int, tuple[float, float]] = {}  # trial -> (first, last) time it trained a step
     for e in events:
         first, last = active.get(e["trial"], (e["t"], e["t"]))
@@ -273,9 +305,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--study", help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
+    parser.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.storage, args.mode[0], args.study, args.artifacts, args.budget, args.log, args.seed)
+        worker(args.storage, args.mode[0], args.study, args.artifacts, args.budget, args.log, args.seed,
+               drain=args.drain)
         return []
     results = []
     for mode in args.mode:

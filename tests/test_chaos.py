@@ -19,7 +19,7 @@ def test_killed_workers_lose_nothing_and_their_lineages_resume(tmp_path) -> None
 
     (result,) = chaos.main([
         "--storage", POSTGRES_URL, "--mode", "heartbeat", "--budget", "18", "--workers", "3", "--kills", "1",
-        "--kill-interval", "0.3", "0.8", "--time-limit", "300", "--out", str(tmp_path),
+        "--kill-interval", "0.05", "0.15", "--time-limit", "300", "--out", str(tmp_path),
     ])
     assert result["kills"] >= 1 and result["crashed_segments"] >= 1
     assert result["double_thaws"] == 0
