@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+import sys
 
 import optuna
 import pytest
@@ -42,8 +43,9 @@ def test_finetune_model_hub_tutorial(tmp_path, capsys):
 
     # The printed summary points at the dashboard with absolute paths.
     # NOTE: the venv's own optuna-dashboard, so the command works in a fresh shell
-    exe = tutorial.dashboard_executable()
+    exe = summary["dashboard"].split()[0]
     assert exe.endswith("optuna-dashboard") and Path(exe).exists()
+    assert Path(exe).resolve() == (Path(sys.executable).parent / "optuna-dashboard").resolve()
     command = f"{exe} sqlite:///{db.resolve()} --artifact-dir {artifacts.resolve()}"
     assert summary["dashboard"] == command
     assert command in printed
