@@ -143,6 +143,22 @@ def record_start(study: Study, trial: FrozenTrial, decision: Decision, sentence:
         logger.debug(f"Trial {trial.number}: {sentence}.")
 
 
+def record_retry(study: Study, trial: FrozenTrial, sentence: str, *, continues: bool) -> None:
+    """A retry of a dead segment: it continues its lineage (``continues``) or starts afresh.
+
+    NOTE: Optuna's retry callbacks copy the dead trial's user attrs; its reasons and forecasts
+    described that trial's decision, not this one, so they are replaced or emptied.
+    """
+    key, other = ((lin_mod.USER_THAW_REASON, lin_mod.USER_NEW_REASON) if continues
+                  else (lin_mod.USER_NEW_REASON, lin_mod.USER_THAW_REASON))
+    lin_mod.set_user_attr(study, trial, key, sentence)
+    for stale in (other, lin_mod.USER_START_PREDICTED, lin_mod.USER_ACQUISITION, lin_mod.USER_FREEZE_REASON,
+                  lin_mod.USER_FREEZE_PREDICTED, lin_mod.USER_FAILURE):
+        if stale in trial.user_attrs:
+            lin_mod.set_user_attr(study, trial, stale, None)
+    logger.info(f"Trial {trial.number} {sentence}.")
+
+
 def record_failure(study: Study, trial: FrozenTrial | None, reason: str, *, lineage_id: int | None = None,
                    log: bool = True) -> None:
     """A lineage failed: ``fms:failure`` on the running ``trial`` (finished ones are immutable, so

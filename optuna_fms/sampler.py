@@ -235,10 +235,13 @@ class FMSSampler(BaseSampler):
                 reason = (f"retry of trial {failed_number}: resumes lineage {lineage.id} from trial "
                           f"{resume.trial_number}'s checkpoint at step {resume.step}")
                 lin_mod.mark_thaw(study, trial, lineage, reason, resume)
+                explain.record_retry(study, trial, reason, continues=True)
                 return
         warn_once(f"retry-detached:{study._study_id}:{trial.number}",
                   f"Trial {trial.number} retries trial {failed_number}, but {why}: it starts afresh.")
-        lin_mod.detach(study, trial, f"retry of trial {failed_number} starts afresh: {why}")
+        reason = f"retry of trial {failed_number} starts afresh: {why}"
+        lin_mod.detach(study, trial, reason)
+        explain.record_retry(study, trial, reason, continues=False)
 
     def _verified_resume(self, study: Study, lineage: lin_mod.Lineage) -> lin_mod.CheckpointRecord | None:
         """The newest checkpoint of ``lineage`` that verifies; bad ones are recorded, and a

@@ -266,6 +266,9 @@ def test_a_heartbeat_retry_continues_its_own_lineage_and_decides_nothing(tmp_pat
     assert retry.user_attrs[lin_mod.USER_START_STEP] == 1
     assert retry.user_attrs[lin_mod.USER_LINEAGE] == root.number
     assert retry.user_attrs[lin_mod.USER_DECISION].startswith(f"retry of trial {root.number}")
+    # Its reason in the dashboard is its own; the dead trial's copied attrs are emptied.
+    assert retry.user_attrs[lin_mod.USER_THAW_REASON] == retry.user_attrs[lin_mod.USER_DECISION]
+    assert retry.user_attrs.get(lin_mod.USER_NEW_REASON) is None
     lin = by_root(study)[root.number]
     assert [t.number for t in lin.trials] == [root.number, retry.number]
     assert lin.state == "finished" and lin.steps == list(range(STEPS)) and lin.crashes == 1
@@ -285,6 +288,9 @@ def test_a_retry_whose_lineage_was_resumed_elsewhere_starts_afresh(store) -> Non
     study.optimize(objective, n_trials=1)
     retry = study.trials[-1]
     assert retry.system_attrs[lin_mod.DETACHED].startswith(f"retry of trial {crashed.number} starts afresh")
+    assert crashed.number != retry.number and lin_mod.USER_THAW_REASON in failed.user_attrs  # copied by Optuna
+    assert retry.user_attrs[lin_mod.USER_NEW_REASON] == retry.user_attrs[lin_mod.USER_DECISION]
+    assert retry.user_attrs[lin_mod.USER_THAW_REASON] is None
     assert lin_mod.find_lineage(optuna_fms.lineages(study), retry.number).id == retry.number
     assert retry.intermediate_values.keys() == set(range(STEPS))
     assert len([t for t in by_root(study)[names["A"]].trials if t.state == TrialState.COMPLETE]) == 1
