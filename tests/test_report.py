@@ -1,5 +1,8 @@
 """The benchmark report's reading of issue 4's bar (bench/report.py)."""
 
+import json
+from pathlib import Path
+
 from bench.report import against_baselines
 
 
@@ -63,3 +66,14 @@ def test_the_peer_table_bolds_each_fraction_lowest_peer_and_names_what_did_not_r
     assert rows["default"] == "| h | default | 0.3 | **0.2** | **0.1** | **0.05** | 2 |"
     assert rows["TPE + SHA"] == "| h | TPE + SHA | **0.2** | 0.25 | **0.1** | 0.06 | 2 |"
     assert "not run" in rows["Syne Tune DyHPO"] and rows["random"].endswith("| 0 |")
+
+
+def test_the_readme_peer_table_is_the_one_the_committed_summaries_generate() -> None:
+    from bench.report import RESULTS, peer_table
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    hubs = ["digits", "animal", "arch", "tabular", "tokens"]
+    table = peer_table([json.loads((RESULTS / h / "summary.json").read_text()) for h in hubs])
+    assert f"--peer-table {' '.join(hubs)}" in readme
+    assert table in readme, "regenerate the README's peer table with the command above it"
