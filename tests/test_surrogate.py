@@ -215,6 +215,12 @@ def _slow_or_fast(config: dict, steps: int, rng: np.random.Generator) -> list[fl
     return [0.6 + rng.normal(0, 0.003) for _ in range(steps)]
 
 
+
+def _first_decisions(history: History, target: str, n_seeds: int, *, pool_size: int) -> list:
+    """The decision of a fresh policy with ``target``, for seeds 0 .. n_seeds - 1."""
+    return [FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=pool_size, n_local=0),
+                             seed=seed).choose_next(history) for seed in range(n_seeds)]
+
 def test_random_horizon_thaws_slow_starters_that_one_step_ahead_passes_over() -> None:
     """EI one step ahead keeps choosing the fast starter; a random horizon also sees the climb."""
     rng = np.random.default_rng(0)
@@ -228,13 +234,7 @@ def test_random_horizon_thaws_slow_starters_that_one_step_ahead_passes_over() ->
     assert slow and len(slow) < len(lineages) - 6
 
     def thaws_of_slow(target: str) -> int:
-        count = 0
-        for seed in range(3):
-            policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=0, n_local=0),
-                                      seed=seed)
-            decision = policy.choose_next(history)
-            count += decision.action == "thaw" and decision.key in slow
-        return count
+        return sum(d.action == "thaw" and d.key in slow for d in _first_decisions(history, target, 3, pool_size=0))
 
     assert thaws_of_slow("horizon") >= 2 > thaws_of_slow("next")
 
@@ -251,13 +251,8 @@ def test_new_horizon_starts_slow_starters_that_first_step_ei_passes_over() -> No
     history = History(SPACE, lineages, max_steps=12)
 
     def slow_starts(target: str) -> int:
-        count = 0
-        for seed in range(4):
-            policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=64, n_local=0),
-                                      seed=seed)
-            decision = policy.choose_next(history)
-            assert decision.action == "new"
-            count += decision.config["arch"] == "a"
-        return count
+        decisions = _first_decisions(history, target, 4, pool_size=64)
+        assert all(d.action == "new" for d in decisions)
+        return sum(d.config["arch"] == "a" for d in decisions)
 
     assert slow_starts("new-horizon") >= 2 > slow_starts("next")
