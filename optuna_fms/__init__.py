@@ -11,7 +11,6 @@ from optuna_fms.checkpoints import (
     save_checkpoint,
 )
 from optuna_fms import dashboard
-from optuna_fms.dashboard import DashboardPublisher
 from optuna_fms.finish import finish_best
 from optuna_fms.graphs.build import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
@@ -26,7 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Checkpoint",
     "CheckpointError",
-    "DashboardPublisher",
     "dashboard",
     "LineageLost",
     "CheckpointRecord",

@@ -3,7 +3,8 @@
 ``lineage_figure`` draws every lineage's curve stitched across its segments, with its thaws and
 freezes marked and the best lineage highlighted; ``publish`` stores it in the study (the
 dashboard's "Plots" tab) together with a note on each finished trial that summarizes its lineage.
-``DashboardPublisher`` does that every few trials, at a cost bounded by ``max_lineages``.
+``FMSSampler(dashboard=True)`` (the default) does that as the study runs, at a cost bounded by
+``max_lineages``.
 Needs the optional ``plotly`` and ``optuna-dashboard`` packages (the ``[dashboard]`` extra).
 """
 
@@ -168,31 +169,6 @@ def publish(
             lin = by_trial.get(trial.number)
             if lin is not None:
                 _save_trial_note(study, trial, lineage_note(lin, trial, study.direction), attrs)
-
-
-class DashboardPublisher:
-    """An Optuna callback: refresh the lineage figure every ``every`` finished trials (and write
-    the finished trial's note), so optuna-dashboard shows the study as it runs.
-
-    ``study.optimize(objective, callbacks=[DashboardPublisher()])``; call :func:`publish` once
-    more after ``optimize`` for the final state.
-    """
-
-    def __init__(self, every: int = 5, *, max_lineages: int = 40) -> None:
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every!r}.")
-        self.every = every
-        self.max_lineages = max_lineages
-        self._seen = 0
-
-    def __call__(self, study: Study, trial: FrozenTrial) -> None:
-        self._seen += 1
-        if self._seen % self.every == 0:
-            publish(study, max_lineages=self.max_lineages, trials=[trial])
-        else:
-            lin = lin_mod.lineage_of(study, trial.number)
-            if lin is not None:
-                _save_trial_note(study, trial, lineage_note(lin, trial, study.direction))
 
 
 def _save_trial_note(study: Study, trial: FrozenTrial, body: str, attrs: dict[str, Any] | None = None) -> None:

@@ -49,14 +49,15 @@ def test_dashboard_serves_lineages_and_checkpoints(tmp_path) -> None:
 def test_dashboard_shows_the_lineage_figure_and_a_note_per_trial(tmp_path) -> None:
     from optuna_dashboard import wsgi
 
-    from optuna_fms.dashboard import DashboardPublisher, FIGURE_ID, publish
+    from optuna_fms.dashboard import FIGURE_ID, publish
 
     storage = f"sqlite:///{tmp_path / 'fms.db'}"
     study = optuna.create_study(
         storage=storage, direction="maximize",
-        sampler=optuna_fms.FMSSampler(seed=0, n_startup_trials=3, pool_size=32), pruner=optuna_fms.FMSPruner(),
+        sampler=optuna_fms.FMSSampler(seed=0, n_startup_trials=3, pool_size=32, dashboard_every=3),
+        pruner=optuna_fms.FMSPruner(),
     )
-    study.optimize(finetune_objective(3), n_trials=7, callbacks=[DashboardPublisher(every=3)])
+    study.optimize(finetune_objective(3), n_trials=7)
     publish(study)
     app = wsgi(optuna.storages.RDBStorage(storage))
     status, body = _get(app, f"/api/studies/{study._study_id}?after=0")

@@ -16,7 +16,7 @@ pytest.importorskip("optuna_dashboard")
 pytest.importorskip("plotly")
 
 import optuna_fms  # noqa: E402
-from optuna_fms.dashboard import FIGURE_ID, DashboardPublisher  # noqa: E402
+from optuna_fms.dashboard import FIGURE_ID  # noqa: E402
 from optuna_fms.engine.surrogate import FitSettings  # noqa: E402
 
 from bench.dashboard_screenshot import dashboard_server  # noqa: E402
@@ -41,18 +41,17 @@ def finished_study(tmp_path_factory) -> tuple[optuna.Study, Path, Path]:
         # NOTE: promotion_probability=1 thaws the frozen run successive halving promotes, so a thaw
         # comes right after the start-up design on every machine (the GP's choice may differ)
         sampler=optuna_fms.FMSSampler(seed=0, n_startup_trials=3, pool_size=32, promotion_probability=1.0,
-                                      fit_settings=FitSettings(full_steps=60, refine_steps=10)),
+                                      fit_settings=FitSettings(full_steps=60, refine_steps=10), dashboard_every=3),
         pruner=optuna_fms.FMSPruner(n_startup_trials=3, max_steps=3),
     )
     task = digits_task()
     for name in ("good", "weak", "scratch"):
         weights = make_model() if name == "scratch" else task.pretrained[name]
         optuna_fms.register_pretrained(study, "model", name, weights)
-    publisher = DashboardPublisher(every=3)
     objective = finetune_objective(3)
 
     def run(study: optuna.Study) -> None:
-        study.optimize(objective, n_trials=1, callbacks=[publisher])
+        study.optimize(objective, n_trials=1)
 
     while not any(lin.n_thaws for lin in optuna_fms.lineages(study)):
         assert len(study.trials) < 8, "no thaw within 8 trials"

@@ -8,7 +8,8 @@ optuna-dashboard shows it:
 * **The lineage figure** (the study page, under the plots the dashboard draws itself):
   :func:`optuna_fms.dashboard.publish` stores a plotly figure with every lineage's curve stitched
   across its segments, thaws (green triangles) and freezes (blue dashes) marked and the best
-  lineage drawn thick and red. ``DashboardPublisher`` refreshes it while the study runs.
+  lineage drawn thick and red. ``FMSSampler`` refreshes it while the study runs
+  (``dashboard_every=10`` trials, and when a run finishes).
 * **A note on every trial** (the trial's "Note" card): the lineage the trial belongs to, its
   segments and how each ended.
 * **User attrs** (the trial's "User Attributes" card, also columns of the "Trials (Table)" tab):

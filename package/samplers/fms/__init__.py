@@ -5,12 +5,12 @@ the hub module and the library can never disagree.
 """
 
 from optuna_fms import (
-    DashboardPublisher,
     FMSPruner,
     FMSSampler,
     RecoverySettings,
     RetentionCallback,
     best_lineage,
+    finish_best,
     lineages,
     load_checkpoint,
     register_pretrained,
@@ -18,12 +18,12 @@ from optuna_fms import (
 )
 
 __all__ = [
-    "DashboardPublisher",
     "FMSPruner",
     "FMSSampler",
     "RecoverySettings",
     "RetentionCallback",
     "best_lineage",
+    "finish_best",
     "lineages",
     "load_checkpoint",
     "register_pretrained",
