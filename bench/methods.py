@@ -81,16 +81,6 @@ def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, o
     return factory
 
 
-def _within(factory: Factory) -> Factory:
-    """A probe of the engine's horizon draw (``PolicySettings.horizon_draw``), not a user setting."""
-    def wrapped(seed: int, hub: Any):
-        sampler, pruner = factory(seed, hub)
-        sampler.policy.settings.horizon_draw = "within"
-        return sampler, pruner
-
-    return wrapped
-
-
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("random", _random, note="RandomSampler, full runs"),
     Method("tpe", _tpe, note="TPESampler, full runs"),
@@ -137,11 +127,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dyhpo-hn", _fms(weights=None, target="new-horizon"), fms=True,
            note="as dyhpo, new configurations scored at a random horizon, lineages one step ahead "
                 "(target='new-horizon')"),
-    Method("dyhpo-hnu", _within(_fms(weights=None, target="new-horizon")), fms=True,
-           note="as dyhpo-hn, the horizon drawn uniformly from the candidate's step to the deepest step "
-                "observed (the engine's horizon_draw='within')"),
-    Method("fms-gmn-next-hnu", _within(_fms(weights="gmn", target="new-horizon")), fms=True, weights="gmn",
-           note="as fms-gmn-next-hn, horizon_draw='within'"),
     Method("dyhpo-sh", _fms(weights=None, target="next", promotion=0.25), fms=True,
            note="as dyhpo, a quarter of the sampler's decisions thaw by successive halving's rule "
                 "(Syne Tune's DyHPO hedge)"),

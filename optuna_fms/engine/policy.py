@@ -44,11 +44,6 @@ class PolicySettings:
     # drawn afresh for each decision (as "horizon"): only a configuration nobody has run yet is
     # judged on where it may get, not on its first step.
     target: str = "next"
-    # How "horizon" and "new-horizon" draw a horizon (a probe, not a user setting): "capped" draws
-    # h steps ahead from 0 .. run length - 1 and caps it at the deepest step observed, so while
-    # that step is shallow nearly every draw is the cap; "within" draws uniformly over the steps
-    # from the candidate's own to the cap.
-    horizon_draw: str = "capped"
     # "gmn" (graph metanetwork), "flat" (count sketch of all weights) or None (DyHPO: no weights).
     weights: str | None = "gmn"
     # Categorical choices that are all numbers also get their position in sorted order as one more
@@ -375,16 +370,11 @@ class FreezeThawPolicy:
             cost = np.array([max(horizon, c.step) - c.step + 1.0 for c in candidates])
         elif self.settings.target in ("horizon", "new-horizon"):
             cap = _deepest_queryable(history, observed_budgets)
+            ahead = int(self._rng.integers(0, max(history.max_steps or int(observed_budgets.max()), 1)))
             only_new = self.settings.target == "new-horizon"
-            if self.settings.horizon_draw == "within":
-                u = float(self._rng.random())  # one draw per decision, a fraction of each candidate's range
-                reach = [c.step + int(u * (max(cap - c.step, 0) + 1)) for c in candidates]
-            else:
-                ahead = int(self._rng.integers(0, max(history.max_steps or int(observed_budgets.max()), 1)))
-                reach = [c.step + ahead for c in candidates]
             queries = [c if only_new and c.key is not None
-                       else Candidate(c.config, c.step, c.key, horizon=max(c.step, min(r, cap)))
-                       for c, r in zip(candidates, reach)]
+                       else Candidate(c.config, c.step, c.key, horizon=max(c.step, min(c.step + ahead, cap)))
+                       for c in candidates]
             budgets = np.array([(q.step if q.horizon is None else q.horizon) + 1.0 for q in queries])
             best = incumbents(budgets, observed_budgets, observed_values)
             cost = np.ones(len(candidates))
