@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--budget", type=int, default=300, help="steps the study runs in all")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--kills", type=int, default=12, help="SIGKILLs at most")
-    parser.add_argument("--kill-interval", type=float, nargs=2, default=(2.0, 6.0), help="seconds between kills")
+    parser.add_argument("--kill-interval", type=float, nargs=2, default=(0.5, 2.0), help="seconds between kills")
     parser.add_argument("--time-limit", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
