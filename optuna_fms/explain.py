@@ -147,7 +147,8 @@ def record_retry(study: Study, trial: FrozenTrial, sentence: str, *, continues: 
     """A retry of a dead segment: it continues its lineage (``continues``) or starts afresh.
 
     NOTE: Optuna's retry callbacks copy the dead trial's user attrs; its reasons and forecasts
-    described that trial's decision, not this one, so they are replaced or emptied.
+    described that trial's decision, not this one, so they are replaced or emptied. Only a
+    continuing retry is logged here: the sampler warns once about one that starts afresh.
     """
     key, other = ((lin_mod.USER_THAW_REASON, lin_mod.USER_NEW_REASON) if continues
                   else (lin_mod.USER_NEW_REASON, lin_mod.USER_THAW_REASON))
@@ -156,7 +157,8 @@ def record_retry(study: Study, trial: FrozenTrial, sentence: str, *, continues: 
                   lin_mod.USER_FREEZE_PREDICTED, lin_mod.USER_FAILURE):
         if stale in trial.user_attrs:
             lin_mod.set_user_attr(study, trial, stale, None)
-    logger.info(f"Trial {trial.number} {sentence}.")
+    if continues:
+        logger.info(f"Trial {trial.number} {sentence}.")
 
 
 def record_failure(study: Study, trial: FrozenTrial | None, reason: str, *, lineage_id: int | None = None,

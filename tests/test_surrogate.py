@@ -215,11 +215,11 @@ def _slow_or_fast(config: dict, steps: int, rng: np.random.Generator) -> list[fl
     return [0.6 + rng.normal(0, 0.003) for _ in range(steps)]
 
 
-
 def _first_decisions(history: History, target: str, n_seeds: int, *, pool_size: int) -> list:
     """The decision of a fresh policy with ``target``, for seeds 0 .. n_seeds - 1."""
     return [FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target=target, pool_size=pool_size, n_local=0),
                              seed=seed).choose_next(history) for seed in range(n_seeds)]
+
 
 def test_random_horizon_thaws_slow_starters_that_one_step_ahead_passes_over() -> None:
     """EI one step ahead keeps choosing the fast starter; a random horizon also sees the climb."""
