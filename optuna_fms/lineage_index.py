@@ -58,12 +58,18 @@ class LineageIndex:
         return self.update(lin_mod.all_trials(study), view, exclude=exclude)
 
     def update(
-        self, trials: Sequence[FrozenTrial], view: lin_mod.StudyView, *, exclude: int | None = None
+        self, trials: Sequence[FrozenTrial], view: lin_mod.StudyView, *, exclude: int | None = None,
+        provisional: int | None = None,
     ) -> list[lin_mod.Lineage]:
-        """The lineages of ``trials`` (the study's trials as just read) under ``view``."""
+        """The lineages of ``trials`` (the study's trials as just read) under ``view``.
+
+        ``provisional``: the number of a trial given as it *will* be stored (the after-trial
+        report's copy, whose stored values and completion time differ); its lineage is built but
+        neither it nor the trial's derivation is kept.
+        """
         with self._lock:
             for t in trials:
-                if t.state in _FINISHED and t.number not in self._derived:
+                if t.state in _FINISHED and t.number not in self._derived and t.number != provisional:
                     records = lin_mod._checkpoints_of(t)
                     self._derived[t.number] = _Derived(
                         lin_mod.predecessor(t), records, frozenset(r.artifact_id for r in records))

@@ -2,9 +2,10 @@
 
 Optuna gives a sampler no end-of-study hook and lets it register no callback, but it calls
 ``after_trial`` once per trial (before the trial's state is stored): that is where this runs.
-Its cost is bounded: one read of the trials, a note per segment of the trial's lineage, and the
-figure (at most ``max_lineages`` curves) every ``every`` trials and whenever a run finishes. A
-failure here never fails the trial: it is said once and the study goes on.
+Its cost is bounded: one read of the trials, a rebuild of only the lineages that changed (the
+shared index), a note per segment of the trial's lineage, and the figure (at most
+``max_lineages`` curves) every ``every`` trials and whenever a run finishes. A failure here
+never fails the trial: it is said once and the study goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_fms import lineage as lin_mod
 from optuna_fms._warnings import warn_once
 from optuna_fms.explain import logger, readable
+from optuna_fms.lineage_index import index_of
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -76,12 +78,17 @@ class TrialReporter:
 
 def lineages_after(study: Study, trial: FrozenTrial, state: TrialState,
                    values: Sequence[float] | None) -> list[lin_mod.Lineage]:
-    """The study's lineages as they are once ``trial`` (still RUNNING in storage) ends in ``state``."""
+    """The study's lineages as they are once ``trial`` (still RUNNING in storage) ends in ``state``.
+
+    NOTE: through the study's shared index, so a report rebuilds only the lineages that changed.
+    The copy is provisional: Optuna stores the trial's values (a pruned trial's last report) and
+    completion time after this call, so the index keeps nothing built from it.
+    """
     done = copy.copy(trial)
     done.state = state
     done.values = list(values) if values is not None else None
     trials = [done if t.number == trial.number else t for t in lin_mod.all_trials(study)]
-    return lin_mod.build_lineages(trials, lin_mod.study_view(study))
+    return index_of(study).update(trials, lin_mod.study_view(study), provisional=trial.number)
 
 
 def progress_line(study: Study, lineages: Sequence[lin_mod.Lineage]) -> str:

@@ -180,3 +180,28 @@ def test_sampler_pruner_and_load_checkpoint_share_one_index_per_study() -> None:
     a.ask().report(1.0, 0)
     assert [lin.curve for lin in study_lineages(a, lin_mod.study_view(a))] == [{0: 1.0}]
     assert study_lineages(b, lin_mod.study_view(b)) == []
+
+
+def test_the_reporter_reads_the_index_and_agrees_with_a_rebuild_before_and_after_the_trial_is_stored() -> None:
+    """The after-trial report sees the trial as it will be stored (through the shared index, which
+    rebuilds only what changed), and what the index keeps from that copy equals a full rebuild
+    from storage afterwards."""
+    from optuna_fms import reporting
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for number in range(6):
+        trial = study.ask()
+        trial.report(0.1 * number, 0)
+        _record(study, trial._cached_frozen_trial, 0)
+        frozen = trial._cached_frozen_trial
+        seen = reporting.lineages_after(study, frozen, TrialState.PRUNED, None)
+        expected_trials = [t for t in study.get_trials(deepcopy=False) if t.number != number]
+        done = frozen
+        done.state = TrialState.PRUNED
+        assert seen == lin_mod.build_lineages([*expected_trials, done], lin_mod.study_view(study))
+        if number >= 2:
+            assert index_of(study).rebuilt == 1  # only the trial's own lineage, not all of them
+        study.tell(trial, state=TrialState.PRUNED)
+        stored = study_lineages(study, lin_mod.study_view(study))
+        assert stored == lin_mod.build_lineages(study.get_trials(deepcopy=False), lin_mod.study_view(study))
+        assert [lin.state for lin in stored] == ["pruned"] * (number + 1)
