@@ -76,6 +76,32 @@ def test_refit_reuses_the_model_and_subsamples_rows() -> None:
     assert len(model._model.train_targets) == 64
 
 
+def test_between_refinements_new_observations_are_conditioned_on_without_training() -> None:
+    """A refinement once the data grew by refine_growth: at ~200 rows and 1.5 %, the next two fits
+    keep the kernel's parameters and only condition the GP on the new rows (its prediction there
+    moves to them); the third is a refinement again."""
+    history = _history(40)
+    rows, y, _ = history.training_rows()
+    n = len(y) - 3
+    growth = 2.5 / n  # 3 new rows are enough, 2 are not
+    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, refine_growth=growth))
+    model.fit(rows.take(np.arange(n)), y[:n])
+
+    def parameters() -> list[np.ndarray]:
+        return [p.detach().clone().numpy() for p in model._model.parameters()]
+
+    fitted = parameters()
+    held_out = rows.take(np.array([n]))
+    before = model.predict(held_out)[0][0]
+    for extra in (1, 2):
+        model.fit(rows.take(np.arange(n + extra)), y[: n + extra])
+        assert all(np.array_equal(a, b) for a, b in zip(fitted, parameters()))  # no training step
+    after = model.predict(held_out)[0][0]
+    assert abs(after - y[n]) < abs(before - y[n])  # the GP conditions on the observation it was given
+    model.fit(rows.take(np.arange(n + 3)), y[: n + 3])
+    assert not all(np.array_equal(a, b) for a, b in zip(fitted, parameters()))  # refined at the third
+
+
 def test_expected_improvement_properties() -> None:
     ei = expected_improvement(np.array([0.0, 1.0, 0.0, 0.0]), np.array([1.0, 1.0, 2.0, 0.0]), np.zeros(4))
     assert ei[1] > ei[0] > 0  # a higher mean helps
