@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from optuna_fms.graphs import GraphMetanetwork, build_graph, describe_architecture
-from optuna_fms.graphs.build import SUMMARY_EDGE_TYPES, EF_TYPE, NODE_SUMMARY, NF_TYPE
+from optuna_fms.graphs.schema import SUMMARY_EDGE_TYPES, EF_TYPE, NODE_SUMMARY, NF_TYPE
 from optuna_fms.graphs.template import GraphTemplate
 
 RESULTS = Path(__file__).resolve().parent / "results"

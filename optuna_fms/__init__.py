@@ -12,7 +12,7 @@ from optuna_fms.checkpoints import (
 )
 from optuna_fms import dashboard
 from optuna_fms.finish import finish_best
-from optuna_fms.graphs.build import describe_architecture
+from optuna_fms.graphs.describe import describe_architecture
 from optuna_fms.lineage import CheckpointRecord, Lineage, RecoverySettings, best_lineage, lineages
 from optuna_fms.pruner import FMSPruner
 from optuna_fms.retention import RetentionCallback, RetentionReport, collect_garbage

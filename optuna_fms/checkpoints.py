@@ -26,7 +26,7 @@ import torch
 from optuna_fms import lineage as lineage_mod
 from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
-from optuna_fms.graphs.build import UnsupportedLayerError
+from optuna_fms.graphs.schema import UnsupportedLayerError
 from optuna_fms.lineage import CheckpointRecord
 from optuna_fms.rng import TrialRNG, global_state, may_restore_global, restore_global
 

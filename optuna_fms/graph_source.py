@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from optuna_fms._warnings import warn_once
 from optuna_fms.checkpoints import CheckpointError, read_checkpoint
-from optuna_fms.graphs.build import GraphCache, ParameterGraph
+from optuna_fms.graphs.cache import GraphCache
+from optuna_fms.graphs.schema import ParameterGraph
 from optuna_fms.graphs.template import TemplatedBuilder
 from optuna_fms.lineage import CheckpointRecord
 

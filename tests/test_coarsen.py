@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from optuna_fms.graphs import GraphMetanetwork, ParameterGraph, build_graph, describe_architecture
 from optuna_fms.graphs import graph_from_module
-from optuna_fms.graphs.build import (
+from optuna_fms.graphs.schema import (
     EDGE_EMBEDDING,
     EDGE_SUMMARY_MEAN,
     EDGE_SUMMARY_STD,

@@ -1,4 +1,4 @@
-"""Tests for optuna_fms.graphs.build: architecture description, graph structure, errors, cache."""
+"""Tests for optuna_fms.graphs: architecture description, graph structure, errors, cache."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from optuna_fms.graphs import (
     describe_architecture,
     graph_from_module,
 )
-from optuna_fms.graphs.build import (
+from optuna_fms.graphs.schema import (
     EDGE_RESIDUAL,
     EF_KX,
     EF_KY,

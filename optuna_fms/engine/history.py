@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from optuna_fms.engine.space import SearchSpace
-from optuna_fms.graphs.build import ParameterGraph
+from optuna_fms.graphs.schema import ParameterGraph
 
 
 @dataclass

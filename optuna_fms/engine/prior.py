@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from optuna_fms.engine.surrogate import _ExactDKGP
-    from optuna_fms.graphs.build import ParameterGraph
+    from optuna_fms.graphs.schema import ParameterGraph
 
 FORMAT = "optuna-fms-prior/1"
 HEADER_KEY = "optuna_fms.prior"

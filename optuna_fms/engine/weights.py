@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optuna_fms.graphs.build import EF_VALUE, NF_BIAS, ParameterGraph
+from optuna_fms.graphs.schema import EF_VALUE, NF_BIAS, ParameterGraph
 
 WEIGHT_KINDS = ("gmn", "flat")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optuna_fms.graphs._dgl import import_dgl
-from optuna_fms.graphs.build import ParameterGraph
+from optuna_fms.graphs.schema import ParameterGraph
 from optuna_fms.graphs.metanet import EdgeNodeConv, GraphMetanetwork
 
 dgl = import_dgl()

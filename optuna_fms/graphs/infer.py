@@ -32,11 +32,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from optuna_fms.graphs.build import (
+from optuna_fms.graphs.describe import describe_architecture
+from optuna_fms.graphs.schema import (
     ARCHITECTURE_FORMAT,
     ARCHITECTURE_VERSION,
     UnsupportedLayerError,
-    describe_architecture,
 )
 
 __all__ = ["NotInferableError", "find_architecture", "infer_architecture"]

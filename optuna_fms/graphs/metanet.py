@@ -22,7 +22,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import scatter
 
-from optuna_fms.graphs.build import (
+from optuna_fms.graphs.schema import (
     EF_KX,
     EF_KY,
     EF_LAYER,

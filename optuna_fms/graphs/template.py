@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optuna_fms.graphs.build import GraphCache, ParameterGraph, _checked_tensors, build_graph
+from optuna_fms.graphs.build import _checked_tensors, build_graph
+from optuna_fms.graphs.cache import GraphCache
+from optuna_fms.graphs.schema import ParameterGraph
 
 __all__ = ["GraphTemplate", "TemplatedBuilder"]
 
@@ -105,7 +107,7 @@ class GraphTemplate:
 
     def batch(self, state_dicts: Sequence[Mapping[str, Tensor]], device: torch.device | str | None = None) -> Any:
         """A ``torch_geometric.data.Batch`` of the graphs of ``state_dicts``, built on ``device``."""
-        from torch_geometric.data import Batch  # NOTE: lazy, as in build.py
+        from torch_geometric.data import Batch  # NOTE: lazy, as in schema.py
 
         dtype = self.skeleton.node_features.dtype
         flat = torch.stack([self.flatten(sd, dtype) for sd in state_dicts]).to(device)
