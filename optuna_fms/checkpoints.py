@@ -1,31 +1,30 @@
-"""Safetensors checkpoints as Optuna trial artifacts: save, load, verify (never pickle)."""
+"""The public checkpoint API: save, register pretrained, load (with fallback), verify, read."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-import errno
-import hashlib
 import json
 import logging
-import math
 import os
-from pathlib import Path
-import re
 import tempfile
-import threading
 from typing import TYPE_CHECKING, Any
-import weakref
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
-from optuna.artifacts.exceptions import ArtifactNotFound
 import torch
 
 from optuna_fms import lineage as lineage_mod
 from optuna_fms._retry import with_backoff
 from optuna_fms._warnings import warn_once
+from optuna_fms.checkpoint_format import FORMAT, CheckpointError, _contents, _encode, _model_tensors, _read_file
+from optuna_fms.checkpoint_store import (
+    _download_verified,
+    _file_name,
+    _where,
+    _write_and_upload,
+    resolve_artifact_store,
+)
 from optuna_fms.graphs.schema import UnsupportedLayerError
 from optuna_fms.lineage import CheckpointRecord
 from optuna_fms.rng import TrialRNG, global_state, may_restore_global, restore_global
@@ -36,14 +35,7 @@ if TYPE_CHECKING:
 
 _logger = logging.getLogger(__name__)
 
-MIMETYPE = "application/x-safetensors"
-FORMAT = "optuna-fms/1"
-_META_KEY = "optuna_fms"
 USER_CHECKPOINT_STEP = "fms:checkpoint_step"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or cannot be written or restored."""
 
 
 class LineageLost(CheckpointError, optuna.TrialPruned):
@@ -72,59 +64,6 @@ class Checkpoint:
     def rng(self) -> TrialRNG | None:
         """The saved RNG states as this trial's own generators (None if none were saved)."""
         return TrialRNG.from_state(self.rng_state) if self.rng_state is not None else None
-
-
-# --- the artifact store ----------------------------------------------------------------------
-
-_memory_stores: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-_memory_lock = threading.Lock()
-
-
-def resolve_artifact_store(study: Study, artifact_store: ArtifactStore | None = None) -> ArtifactStore:
-    """The store to use: the one given, else the sampler's or pruner's, else a default folder.
-
-    The default is a folder next to the storage file (``fms.db`` -> ``fms-artifacts/``) for
-    SQLite and journal files, and a temporary folder living as long as the process for an
-    in-memory study. Server databases have no "next to", so they need an explicit store.
-    """
-    if artifact_store is not None:
-        return artifact_store
-    for component in (study.sampler, study.pruner):
-        store = getattr(component, "artifact_store", None)
-        if store is not None:
-            return store
-    return FileSystemArtifactStore(str(default_artifact_dir(study._storage)))
-
-
-def default_artifact_dir(storage: Any) -> Path:
-    from optuna.storages import InMemoryStorage, JournalStorage, RDBStorage
-    from optuna.storages._cached_storage import _CachedStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    backend = storage._backend if isinstance(storage, _CachedStorage) else storage
-    if isinstance(backend, RDBStorage) and backend.url.startswith("sqlite:///"):
-        db = backend.url[len("sqlite:///") :].split("?", 1)[0]
-        if db and db != ":memory:":
-            return _ensure_dir(Path(db).with_name(Path(db).stem + "-artifacts"))
-    if isinstance(backend, JournalStorage) and isinstance(backend._backend, JournalFileBackend):
-        log = Path(backend._backend._file_path)
-        return _ensure_dir(log.with_name(log.stem + "-artifacts"))
-    if isinstance(backend, InMemoryStorage):
-        with _memory_lock:
-            if backend not in _memory_stores:
-                folder = tempfile.TemporaryDirectory(prefix="optuna-fms-")
-                _memory_stores[backend] = folder.name
-                weakref.finalize(backend, folder.cleanup)
-            return Path(_memory_stores[backend])
-    raise ValueError(
-        f"optuna-fms has no default artifact folder for {type(backend).__name__}; pass one, e.g. "
-        "FMSSampler(artifact_store=optuna.artifacts.FileSystemArtifactStore('<shared folder>'))."
-    )
-
-
-def _ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 # --- save ------------------------------------------------------------------------------------
@@ -218,11 +157,6 @@ def register_pretrained(
     return record
 
 
-def _file_name(text: str, limit: int = 120) -> str:
-    """``text`` as a portable file name: runs of other characters become ``_``."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)[:limit]
-
-
 def _found_architecture(
     study: Study, model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]
 ) -> dict[str, Any] | None:
@@ -253,95 +187,6 @@ def _reads_weights(study: Study) -> bool:
     from optuna_fms.sampler import FMSSampler
 
     return not (isinstance(study.sampler, FMSSampler) and study.sampler.graph_source is None)
-
-
-def _model_tensors(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(model_or_state_dict, torch.nn.Module):
-        state = model_or_state_dict.state_dict()
-    else:
-        state = dict(model_or_state_dict)
-    tensors = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"State dict entry {key!r} is a {type(value).__name__}, not a tensor.")
-        tensors[f"model/{key}"] = _storable(value)
-    return tensors
-
-
-def _write_and_upload(
-    study: Study,
-    owner: optuna.Trial | Study,
-    tensors: dict[str, torch.Tensor],
-    header: dict[str, Any],
-    artifact_store: ArtifactStore | None,
-    name: str,
-    what: str,
-) -> tuple[str, str, int]:
-    """One safetensors file, uploaded as an artifact of ``owner``: (artifact id, SHA-256, size)."""
-    from safetensors.torch import save_file
-
-    store = resolve_artifact_store(study, artifact_store)
-    with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
-        path = os.path.join(tmp, f"{name}.safetensors")
-        try:
-            save_file(tensors, path, metadata={_META_KEY: json.dumps(header)})
-            digest, size = _sha256(path), os.path.getsize(path)
-            artifact_id = upload_artifact(artifact_store=store, file_path=path, study_or_trial=owner, mimetype=MIMETYPE)
-        except OSError as err:
-            hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
-            raise CheckpointError(
-                f"Could not write the checkpoint {what}{hint}: {err}. Earlier checkpoints are untouched."
-            ) from err
-    return artifact_id, digest, size
-
-
-def _storable(t: torch.Tensor) -> torch.Tensor:
-    # NOTE: safetensors refuses shared or strided storage; a contiguous CPU copy is always valid.
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
-# NOTE: the JSON skeleton of nested states. Tensors go to the safetensors body and leave a
-# reference; dicts keep their key types (optimizer states are keyed by int); tuples stay tuples.
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = _storable(obj)
-        return {"__tensor__": path}
-    if isinstance(obj, Mapping):
-        return {"__dict__": [[_encode(k, f"{path}/k{i}", tensors), _encode(v, f"{path}/{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        items = [_encode(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if isinstance(obj, (bool, str)) or obj is None:
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
-    raise CheckpointError(f"Cannot store a {type(obj).__name__} at {path!r} in a checkpoint.")
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__dict__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if "__float__" in obj:
-            return float(obj["__float__"])
-    return obj
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -450,8 +295,6 @@ def read_checkpoint(
     study: Study, record: CheckpointRecord, *, artifact_store: ArtifactStore | None = None
 ) -> Checkpoint:
     """Download, verify (size and SHA-256) and parse one checkpoint of ``study``."""
-    from safetensors import SafetensorError, safe_open
-
     store = resolve_artifact_store(study, artifact_store)
     with tempfile.TemporaryDirectory(prefix="optuna-fms-") as tmp:
         try:
@@ -461,44 +304,13 @@ def read_checkpoint(
             if reason is None:
                 raise
             raise CheckpointError(f"The {_where(record)} was deleted on purpose ({reason}).") from err
-        try:
-            with safe_open(path, framework="pt") as f:
-                header = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, KeyError, ValueError, OSError) as err:
-            raise CheckpointError(f"The {_where(record)} cannot be parsed: {err}") from err
-    state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+        header, tensors = _read_file(path, _where(record))
     return Checkpoint(
-        step=int(header["step"]),
-        state_dict=state,
-        metadata=_decode(header.get("metadata"), tensors) or {},
-        optimizer_state=_decode(header.get("optimizer"), tensors),
-        scheduler_state=_decode(header.get("scheduler"), tensors),
+        **_contents(header, tensors),
         trial_number=record.trial_number,
         artifact_id=record.artifact_id,
         sha256=record.sha256,
-        architecture=header.get("architecture"),
-        rng_state=_decode(header.get("rng"), tensors),
     )
-
-
-def _where(record: CheckpointRecord) -> str:
-    owner = "the study" if record.trial_number is None else f"trial {record.trial_number}"
-    return f"checkpoint of {owner} at step {record.step} (artifact {record.artifact_id})"
-
-
-def _download_verified(store: ArtifactStore, record: CheckpointRecord, path: str) -> str:
-    """Download ``record`` to ``path`` and check its size and SHA-256; CheckpointError if not."""
-    try:
-        # NOTE: a lost connection is retried, never taken for a missing file (that would mark
-        # a good checkpoint bad); StorageUnavailable after the last try.
-        with_backoff(f"download the {_where(record)}", lambda: download_artifact(
-            artifact_store=store, file_path=path, artifact_id=record.artifact_id))
-    except (ArtifactNotFound, FileNotFoundError, OSError) as err:
-        raise CheckpointError(f"The {_where(record)} is missing from the artifact store: {err}") from err
-    if os.path.getsize(path) != record.size or _sha256(path) != record.sha256:
-        raise CheckpointError(f"The {_where(record)} is corrupt: its content does not match the recorded SHA-256.")
-    return path
 
 
 def _restore(

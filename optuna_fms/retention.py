@@ -33,7 +33,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.study import StudyDirection
 
 from optuna_fms import lineage as lin_mod
-from optuna_fms.checkpoints import resolve_artifact_store, verify_checkpoint
+from optuna_fms.checkpoint_store import resolve_artifact_store
+from optuna_fms.checkpoints import verify_checkpoint
 from optuna_fms.lineage import CheckpointRecord, Lineage
 
 if TYPE_CHECKING:

@@ -256,16 +256,17 @@ def test_several_threads_save_modules_described_once(tmp_path, monkeypatch) -> N
 
 def test_a_checkpoint_under_the_old_name_still_loads(tmp_path) -> None:
     """Studies saved before readable names (``step-000003.safetensors``) load as before."""
-    from optuna_fms import checkpoints as ckpt_mod
     from optuna_fms import lineage as lin_mod
+    from optuna_fms.checkpoint_format import FORMAT, _model_tensors
+    from optuna_fms.checkpoint_store import _write_and_upload
 
     study = _study(tmp_path)
     trial = study.ask()
     model = mlp()
-    header = {"format": ckpt_mod.FORMAT, "step": 3, "trial_number": trial.number, "metadata": {},
+    header = {"format": FORMAT, "step": 3, "trial_number": trial.number, "metadata": {},
               "optimizer": None, "scheduler": None, "rng": None, "architecture": None}
-    artifact_id, digest, size = ckpt_mod._write_and_upload(
-        study, trial, ckpt_mod._model_tensors(model), header, None, "step-000003", "old")
+    artifact_id, digest, size = _write_and_upload(
+        study, trial, _model_tensors(model), header, None, "step-000003", "old")
     lin_mod.record_checkpoint(study, trial._trial_id, lin_mod.CheckpointRecord(
         trial.number, trial._trial_id, 3, artifact_id, digest, size))
     assert [m.filename for m in get_all_artifact_meta(trial)] == ["step-000003.safetensors"]

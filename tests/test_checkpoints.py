@@ -9,7 +9,9 @@ import torch
 
 import optuna_fms
 from optuna_fms import lineage as lin_mod
-from optuna_fms.checkpoints import MIMETYPE, CheckpointError, default_artifact_dir
+from optuna_fms.checkpoint_format import MIMETYPE
+from optuna_fms.checkpoint_store import default_artifact_dir
+from optuna_fms.checkpoints import CheckpointError
 
 from tasks import build, digits_task, train_epoch, uninterrupted_weights
 

@@ -15,7 +15,7 @@ import torch
 import optuna_fms
 from optuna_fms import lineage as lin_mod
 from optuna_fms._bridge import engine_space, make_history, optuna_search_space
-from optuna_fms.checkpoints import default_artifact_dir
+from optuna_fms.checkpoint_store import default_artifact_dir
 from optuna_fms.engine.history import Candidate
 from optuna_fms.engine.surrogate import FitSettings
 from optuna_fms.graph_source import GraphSource

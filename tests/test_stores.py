@@ -15,7 +15,7 @@ import torch
 
 import optuna_fms
 from optuna_fms import lineage as lin_mod
-from optuna_fms.checkpoints import resolve_artifact_store
+from optuna_fms.checkpoint_store import resolve_artifact_store
 from optuna_fms.engine.surrogate import FitSettings
 
 from tasks import finetune_objective, make_model
