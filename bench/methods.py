@@ -68,7 +68,7 @@ def _default(seed: int, hub: Any):
 
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
-         n_startup: int = 8, noise_floor: float | None = None, random_new: float = 0.0,
+         n_startup: int = 8, noise_floor: float | None = None,
          refine_growth: float | None = None) -> Factory:
     def factory(seed: int, hub: Any):
         changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
@@ -76,7 +76,6 @@ def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, o
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
                                         promotion_probability=promotion, input_kernel=input_kernel,
-                                        random_new_probability=random_new,
                                         n_startup_trials=n_startup, fit_settings=fit)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
@@ -133,13 +132,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dyhpo-sh", _fms(weights=None, target="next", promotion=0.25), fms=True,
            note="as dyhpo, a quarter of the sampler's decisions thaw by successive halving's rule "
                 "(Syne Tune's DyHPO hedge)"),
-    Method("dyhpo-ri", _fms(weights=None, target="next", random_new=0.2), fms=True,
-           note="as dyhpo, a fifth of the new configurations the surrogate starts are random instead "
-                "(random_new_probability=0.2: SMAC's random interleaving)"),
-    Method("fms-gmn-next-ri", _fms(weights="gmn", target="next", random_new=0.2), fms=True, weights="gmn",
-           note="as fms-gmn-next, random_new_probability=0.2"),
-    Method("dyhpo-hn-ri", _fms(weights=None, target="new-horizon", random_new=0.2), fms=True,
-           note="dyhpo-hn and dyhpo-ri together"),
     Method("dyhpo-g0", _fms(weights=None, target="next", refine_growth=0.0), fms=True,
            note="as dyhpo, the surrogate refined at every new observation (FitSettings(refine_growth=0), "
                 "the default before 2026-12-07)"),

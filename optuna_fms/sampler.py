@@ -60,9 +60,6 @@ class FMSSampler(BaseSampler):
         promotion_probability: With this probability a decision thaws the frozen lineage that
             successive halving would promote (top third at its step), without the surrogate: a
             model-free hedge against a misleading surrogate. 0 (default): DyHPO/FMS as published.
-        random_new_probability: When the surrogate chooses to start a new configuration, start a
-            random one instead with this probability (random interleaving, as SMAC's random
-            design): a hedge against a surrogate that wrote off a region after a few bad runs.
         input_kernel: Add to the deep kernel a Matern-5/2 kernel with one lengthscale per input
             on the raw configuration encoding and budget: a smooth prior that needs no learned
             features, for the decisions made on little data.
@@ -98,7 +95,6 @@ class FMSSampler(BaseSampler):
         fit_settings: FitSettings | None = None,
         ordered_choices: bool = False,
         promotion_probability: float = 0.0,
-        random_new_probability: float = 0.0,
         input_kernel: bool = False,
         recovery: lin_mod.RecoverySettings | None = None,
         dashboard: bool = True,
@@ -110,8 +106,6 @@ class FMSSampler(BaseSampler):
             raise ValueError(f"target must be 'next', 'horizon', 'new-horizon' or 'final', got {target!r}.")
         if not 0.0 <= promotion_probability <= 1.0:
             raise ValueError(f"promotion_probability must be in [0, 1], got {promotion_probability!r}.")
-        if not 0.0 <= random_new_probability <= 1.0:
-            raise ValueError(f"random_new_probability must be in [0, 1], got {random_new_probability!r}.")
         settings = PolicySettings(
             n_startup=n_startup_trials,
             pool_size=pool_size,
@@ -120,7 +114,6 @@ class FMSSampler(BaseSampler):
             weights=weights,
             ordered_choices=ordered_choices,
             promotion_probability=promotion_probability,
-            random_new_probability=random_new_probability,
             input_kernel=input_kernel,
             fit=fit_settings or FitSettings(),
         )

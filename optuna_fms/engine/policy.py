@@ -54,11 +54,6 @@ class PolicySettings:
     # step; see engine.promotion) instead of asking the surrogate. 0 is DyHPO/FMS as published.
     promotion_probability: float = 0.0
     promotion_eta: int = 3
-    # NOTE: random interleaving (as SMAC's random design, 0.2 in its HPO facade): when the
-    # surrogate chooses to start a new configuration, with this probability a random one is
-    # started instead. The surrogate still decides *whether* to start something new; the hedge
-    # only decides *what*, so a model family the surrogate wrote off early gets seen again.
-    random_new_probability: float = 0.0
     fit: FitSettings = field(default_factory=FitSettings)
     # NOTE: a decision also carries a Forecast (one more surrogate query of two rows, after the
     # choice is made, so it changes no decision); False leaves it out.
@@ -154,10 +149,6 @@ class FreezeThawPolicy:
                 return self._random_new(history, "surrogate unavailable: random configuration")
             best = int(np.argmax(scores))
             chosen = candidates[best]
-            if chosen.key is None and self._explore():
-                return self._random_new(
-                    history, f"random configuration (exploration hedge, probability "
-                             f"{self.settings.random_new_probability:g}; the surrogate chose to start one)")
             decision = Decision(
                 action="thaw" if chosen.key is not None else "new",
                 key=chosen.key,
@@ -302,10 +293,6 @@ class FreezeThawPolicy:
             return None
         return Decision("thaw", key=key, reason=f"successive halving: top 1/{self.settings.promotion_eta} "
                                                 f"at its step (hedge taken with probability {p:g})")
-
-    def _explore(self) -> bool:
-        p = self.settings.random_new_probability
-        return p > 0 and self._rng.random() < p  # NOTE: no draw at 0, so other settings are unchanged
 
     def _new_candidates(self, history: History, step: int = 0) -> list[Candidate]:
         space = history.space
