@@ -7,10 +7,12 @@ search ends with one call::
     study.optimize(objective, n_trials=150)
     trial = optuna_fms.finish_best(study, objective)   # the best lineage, trained to max_steps
 
-It thaws the best lineage (by its best reported value, among frozen ones that can resume and
-finished full runs) in one more trial that the pruner never freezes (``fms:finish``), so the
-search ends with a COMPLETE trial at the last step: ``study.best_trial`` is that run (or an
-earlier full run that ended higher, itself finished). The decisions of the search are untouched.
+It compares what each lineage can still give: a finished full run its final value (what
+``study.best_trial`` ranks), a frozen lineage that can resume its best reported value. When the
+best is frozen, one more trial that the pruner never freezes (``fms:finish``) trains it to the
+last step. Either way the search ends with ``study.best_trial`` a full run, and that trial is
+returned: the lineage just finished, or an earlier full run that ended higher (curves that peak
+and fall end below their best). The decisions of the search are untouched.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ def finish_best(
     callbacks: Sequence[Callable[[Study, FrozenTrial], None]] | None = None,
     attempts: int = 3,
 ) -> FrozenTrial:
-    """Train the study's best lineage to the last step; return that COMPLETE trial.
+    """Train the study's best lineage to the last step; return ``study.best_trial``, a full run.
 
-    The run length is ``FMSPruner(max_steps=...)``, else the longest finished run. When the
-    best lineage already finished a full run, nothing is trained. A lineage whose checkpoint
-    cannot be resumed is failed and the next best is tried, ``attempts`` times at most. Each
-    try is one more trial (``callbacks`` as in ``study.optimize``).
+    The run length is ``FMSPruner(max_steps=...)``, else the longest finished run. When no
+    frozen lineage has reported better than the best full run ended, nothing is trained. A
+    lineage whose checkpoint cannot be resumed is failed and the next best is tried, ``attempts``
+    times at most. Each try is one more trial (``callbacks`` as in ``study.optimize``).
     """
     from optuna_fms._bridge import inferred_max_steps
     from optuna_fms.pruner import FMSPruner
@@ -59,7 +61,7 @@ def finish_best(
         if best is None:
             raise ValueError("finish_best: no lineage can be finished (none is frozen with a checkpoint).")
         if best.state == lin_mod.FINISHED:
-            return best.tail
+            return study.best_trial
         explain.logger.info(f"finish_best: training lineage {best.id} from step {best.next_step} "
                             f"to step {max_steps - 1}.")
         with sampler.lock:
@@ -71,18 +73,24 @@ def finish_best(
                 sampler._finish = None
         done = lin_mod.lineage_of(study, best.id)
         if done is not None and done.state == lin_mod.FINISHED and done.tail.system_attrs.get(lin_mod.FINISH):
-            return done.tail
+            # NOTE: a curve that peaked and fell may end below an earlier full run; that one is then
+            # the study's best trial, and it is what the user is shown.
+            return study.best_trial
     raise RuntimeError(f"finish_best: no lineage was finished in {attempts} attempts.")
 
 
 def _best_to_finish(lineages: Sequence[lin_mod.Lineage], direction: StudyDirection,
                     max_steps: int) -> lin_mod.Lineage | None:
-    def eligible(lin: lin_mod.Lineage) -> bool:
+    def promise(lin: lin_mod.Lineage) -> float | None:
+        """A full run: its final value (what study.best_trial ranks); a frozen lineage that can
+        resume: its best reported value; anything else: None."""
         if lin.state == lin_mod.FINISHED:
-            return lin.next_step >= max_steps
-        return lin.state == lin_mod.FROZEN_STATE and bool(lin.checkpoints) and lin.next_step < max_steps
+            return lin.value if lin.next_step >= max_steps else None
+        if lin.state == lin_mod.FROZEN_STATE and lin.checkpoints and lin.next_step < max_steps:
+            return lin.best(direction)[1]
+        return None
 
-    scored = [(v, lin) for lin in lineages if eligible(lin) and (v := lin.best(direction)[1]) is not None]
+    scored = [(v, lin) for lin in lineages if (v := promise(lin)) is not None and v == v]
     if not scored:
         return None
     sign = -1.0 if direction == StudyDirection.MAXIMIZE else 1.0

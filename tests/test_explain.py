@@ -141,6 +141,26 @@ def test_finish_best_ends_the_study_with_its_best_lineage_trained_to_the_end(fin
     assert len(study.trials) == n
 
 
+def test_finish_best_compares_full_runs_by_how_they_ended_as_study_best_trial_does() -> None:
+    """Two full runs: A peaked higher (0.99) but ended lower (0.90) than B (0.95). The study's best
+    trial is B, and finish_best returns B and trains nothing (before, it picked A by its peak and
+    returned a trial that was not study.best_trial: tutorial 1 failed that way on 150 trials)."""
+    study = optuna.create_study(direction="maximize", sampler=optuna_fms.FMSSampler(seed=0, weights=None,
+                                dashboard=False, progress=False), pruner=optuna_fms.FMSPruner(max_steps=3))
+    for curve in ([0.5, 0.99, 0.90], [0.6, 0.8, 0.95]):
+        trial = study.ask()
+        for step, value in enumerate(curve):
+            trial.report(value, step)
+        study.tell(trial, curve[-1])
+
+    def objective(trial: optuna.Trial) -> float:
+        raise AssertionError("nothing should be trained")
+
+    assert study.best_trial.number == 1
+    assert optuna_fms.finish_best(study, objective).number == 1
+    assert len(study.trials) == 2
+
+
 def test_each_trial_gets_a_note_with_its_reasons_parent_and_child_by_default(finished) -> None:
     study, _ = finished
     notes = _notes(study)
