@@ -5,7 +5,7 @@ A sampler never learns a study's budget (``n_trials`` and ``timeout`` stay insid
 search ends with one call::
 
     study.optimize(objective, n_trials=150)
-    trial = optuna_fms.finish_best(study, objective)   # the best lineage, trained to max_steps
+    trial = optuna_fms.finish_best(study, objective)   # study.best_trial, a run to max_steps
 
 It compares what each lineage can still give: a finished full run its final value (what
 ``study.best_trial`` ranks), a frozen lineage that can resume its best reported value. When the

@@ -4,6 +4,7 @@ study: new runs, reports, checkpoints, freezes, thaws, detached and attached ret
 
 from __future__ import annotations
 
+import copy
 import random
 
 import optuna
@@ -196,7 +197,7 @@ def test_the_reporter_reads_the_index_and_agrees_with_a_rebuild_before_and_after
         frozen = trial._cached_frozen_trial
         seen = reporting.lineages_after(study, frozen, TrialState.PRUNED, None)
         expected_trials = [t for t in study.get_trials(deepcopy=False) if t.number != number]
-        done = frozen
+        done = copy.copy(frozen)
         done.state = TrialState.PRUNED
         assert seen == lin_mod.build_lineages([*expected_trials, done], lin_mod.study_view(study))
         if number >= 2:

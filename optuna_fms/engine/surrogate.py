@@ -214,7 +214,8 @@ class DeepKernelSurrogate:
                             steps -= min(steps, self.settings.weight_steps)
                             encoder.trainable = False
                             encoder.reset_cache()
-                        self._train(steps)
+                        if steps:  # NOTE: none between refinements: set_train_data alone conditions the GP
+                            self._train(steps)
                 except (RuntimeError, ValueError, NotPSDError) as err:
                     # NOTE: a numerical failure (e.g. Cholesky) restarts from scratch next time.
                     _logger.warning("Surrogate fit failed (%s); it restarts from scratch.", err)
