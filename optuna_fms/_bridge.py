@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from optuna.distributions import (
     BaseDistribution,
@@ -17,12 +18,15 @@ from optuna.study import StudyDirection
 
 from optuna_fms._retry import with_backoff
 from optuna_fms.engine.history import History, LineageRecord
+from optuna_fms.engine.policy import FreezeThawPolicy
 from optuna_fms.engine.space import Dimension, SearchSpace, is_number
-from optuna_fms.graph_source import GraphSource
+from optuna_fms.graph_source import GraphSource, LazyGraphs
 from optuna_fms.lineage import FINISHED, FROZEN_STATE, RUNNING, Lineage, pretrained_records
 
 if TYPE_CHECKING:
     from optuna.study import Study
+
+_T = TypeVar("_T")
 
 
 def optuna_search_space(study: Study) -> dict[str, BaseDistribution]:
@@ -67,14 +71,14 @@ def make_history(
     ``graph_source``) the parameter graphs of the checkpoints and registered pretrained weights."""
     sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
     pretrained = pretrained_records(study) if graph_source is not None else {}
+    # NOTE: a lineage without every parameter of the space is not the engine's to see, nor its graphs.
+    usable = [lin for lin in lineages if all(name in lin.params for name in space.names)]
     graphs = None
     if graph_source is not None:
-        every = [r for lin in lineages for r in lin.checkpoints] + list(pretrained.values())
+        every = [r for lin in usable for r in lin.checkpoints] + list(pretrained.values())
         graphs = graph_source.graphs(study, every)
     records = []
-    for lin in lineages:
-        if not all(name in lin.params for name in space.names):
-            continue
+    for lin in usable:
         points = [(s, v) for s, v in sorted(lin.curve.items()) if math.isfinite(v)]
         records.append(
             LineageRecord(
@@ -98,3 +102,20 @@ def make_history(
         space, records, max_steps=max_steps, graphs=graphs,
         initial_weights=initial_weights if pretrained else None,
     )
+
+
+def decide_after_reading(
+    lock: AbstractContextManager[Any], policy: FreezeThawPolicy, history: History, decide: Callable[[], _T]
+) -> _T:
+    """``decide()`` under ``lock``, once every graph it may read is in memory.
+
+    NOTE: the graphs are read between two holds of the lock, never under it; another thread's
+    decision may change the surrogate meanwhile, so what is missing is asked again under the lock.
+    """
+    graphs = history.graphs
+    while True:
+        with lock:
+            missing = graphs.missing(policy.graphs_to_read(history)) if isinstance(graphs, LazyGraphs) else []
+            if not missing:
+                return decide()
+        graphs.pin(missing)  # type: ignore[union-attr]

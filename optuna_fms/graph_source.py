@@ -27,7 +27,8 @@ class GraphSource:
 
     A checkpoint that cannot be read or turned into a graph (missing, corrupt, NaN weights,
     shapes that do not fit) is left out with one warning: the surrogate then treats it as "no
-    weights", and the study goes on. Graphs live in an LRU cache and are re-read when evicted.
+    weights", and the study goes on. Graphs live in an LRU cache and are re-read when evicted;
+    a decision's own graphs are pinned while it runs (:class:`LazyGraphs`).
     """
 
     def __init__(
@@ -43,7 +44,7 @@ class GraphSource:
         self._bad: set[str] = set()
         self._lock = threading.Lock()
 
-    def graphs(self, study: Study, records: Iterable[CheckpointRecord]) -> Mapping[str, ParameterGraph]:
+    def graphs(self, study: Study, records: Iterable[CheckpointRecord]) -> LazyGraphs:
         """sha256 -> graph for every usable record; new ones are read now, once."""
         records = list(records)
         by_key = {r.sha256: r for r in records if r.has_graph and r.sha256 not in self._bad}
@@ -62,7 +63,7 @@ class GraphSource:
                 "itself (save_checkpoint(trial, model, ...)) or pass "
                 "architecture=optuna_fms.describe_architecture(model); FMSSampler(weights=None) turns "
                 "weights off."))
-        return _LazyGraphs(self, study, by_key)
+        return LazyGraphs(self, study, by_key)
 
     def _load(self, study: Study, record: CheckpointRecord) -> ParameterGraph | None:
         try:
@@ -81,12 +82,35 @@ class GraphSource:
         return self._build_graph(ckpt.state_dict, ckpt.architecture)
 
 
-class _LazyGraphs(Mapping[str, ParameterGraph]):
+class LazyGraphs(Mapping[str, ParameterGraph]):
+    """One decision's graphs: read from the source's cache, or the artifact store on a miss.
+
+    ``pin`` reads graphs ahead and holds them for this mapping's life (one decision), so the
+    decision itself, under its lock, finds them in memory (see ``_bridge.decide_after_reading``).
+    """
+
     def __init__(self, source: GraphSource, study: Study, records: dict[str, CheckpointRecord]) -> None:
         self._source, self._study, self._records = source, study, records
+        self._pinned: dict[str, ParameterGraph] = {}
+        self._unreadable: set[str] = set()
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` neither pinned nor known to be unreadable."""
+        return [k for k in keys if k in self._records and k not in self._pinned and k not in self._unreadable]
+
+    def pin(self, keys: Iterable[str]) -> None:
+        """Read ``keys`` now (I/O on a cache miss) and hold them."""
+        for key in keys:
+            graph = self._source._load(self._study, self._records[key]) if key in self._records else None
+            if graph is None:
+                self._unreadable.add(key)
+            else:
+                self._pinned[key] = graph
 
     def __getitem__(self, key: str) -> ParameterGraph:
-        graph = self._source._load(self._study, self._records[key])
+        graph = self._pinned.get(key)
+        if graph is None:
+            graph = self._source._load(self._study, self._records[key])
         if graph is None:
             raise KeyError(key)
         return graph

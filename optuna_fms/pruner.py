@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from optuna.pruners import BasePruner
 
 from optuna_fms import explain, lineage as lin_mod
-from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
+from optuna_fms._bridge import decide_after_reading, engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
 from optuna_fms.lineage_index import study_lineages
 from optuna_fms.graph_source import GraphSource
@@ -138,12 +138,11 @@ class FMSPruner(BasePruner):
         history = make_history(
             study, lineages, space, max_steps=inferred_max_steps(lineages, self.max_steps), graph_source=graphs
         )
-        with lock:
-            return policy.should_continue(
-                history,
-                mine.id,
-                segment_steps=len(trial.intermediate_values),
-                can_thaw=resumable,
-                freeze_margin=self.freeze_margin,
-                min_segment_steps=self.min_segment_steps,
-            )
+        return decide_after_reading(lock, policy, history, lambda: policy.should_continue(
+            history,
+            mine.id,
+            segment_steps=len(trial.intermediate_values),
+            can_thaw=resumable,
+            freeze_margin=self.freeze_margin,
+            min_segment_steps=self.min_segment_steps,
+        ))

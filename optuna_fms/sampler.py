@@ -11,12 +11,12 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from optuna_fms import explain, finish as finish_mod, lineage as lin_mod
-from optuna_fms._bridge import engine_space, inferred_max_steps, make_history, optuna_search_space
+from optuna_fms._bridge import decide_after_reading, engine_space, inferred_max_steps, make_history, optuna_search_space
 from optuna_fms._warnings import warn_once
 from optuna_fms.lineage_index import study_lineages
 from optuna_fms.graph_source import GraphSource
 from optuna_fms.reporting import TrialReporter
-from optuna_fms.engine.policy import FreezeThawPolicy, PolicySettings
+from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.surrogate import FitSettings
 
 if TYPE_CHECKING:
@@ -184,13 +184,18 @@ class FMSSampler(BaseSampler):
             return  # finish_best asked for this lineage
         lost: dict[int, str] = {}
         sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
-        while True:
-            with self.lock:
-                decision = self.policy.choose_next(history, exclude=frozenset(set(lost) | self._thawing),
-                                                   new_step=new_step)
-                if decision.action != "thaw" or decision.key is None:
-                    break
+
+        def choose() -> Decision:
+            decision = self.policy.choose_next(history, exclude=frozenset(set(lost) | self._thawing),
+                                               new_step=new_step)
+            if decision.action == "thaw" and decision.key is not None:
                 self._thawing.add(decision.key)  # NOTE: no other thread of this process picks it meanwhile
+            return decision
+
+        while True:
+            decision = decide_after_reading(self.lock, self.policy, history, choose)
+            if decision.action != "thaw" or decision.key is None:
+                break
             chosen = by_id[decision.key]
             try:
                 resume = self._verified_resume(study, chosen)
@@ -283,8 +288,8 @@ class FMSSampler(BaseSampler):
         history = make_history(study, lineages, space, max_steps=max_steps, graph_source=self.graph_source)
         new_step = 0 if can_thaw or not max_steps else max_steps - 1
         every = frozenset(record.key for record in history.lineages)
-        with self.lock:
-            decision = self.policy.choose_next(history, exclude=every, new_step=new_step)
+        decision = decide_after_reading(
+            self.lock, self.policy, history, lambda: self.policy.choose_next(history, exclude=every, new_step=new_step))
         return decision.config or {}
 
     def sample_independent(

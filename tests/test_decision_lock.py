@@ -9,9 +9,11 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import TrialState
 import pytest
+import torch
 
 import optuna_fms
 from optuna_fms import lineage as lin_mod
+from optuna_fms.engine.surrogate import FitSettings
 from test_recovery import make_study, objective, seed_study, value, weights
 
 pytestmark = pytest.mark.usefixtures("isolated_warnings")
@@ -111,3 +113,49 @@ def test_a_held_download_does_not_stall_another_threads_decision(tmp_path) -> No
     thaw = asked["trial"]
     assert study.trials[thaw.number].system_attrs[lin_mod.PARENT] == names["A"]
     study.tell(running, state=TrialState.PRUNED)
+
+
+def test_graphs_evicted_from_the_cache_are_read_before_the_lock_is_taken(tmp_path, monkeypatch) -> None:
+    """Fits from scratch re-embed every graph; with a cache of two graphs most are evicted by
+    then, and each must be read again between two holds of the lock, never under it."""
+    from optuna_fms.graph_source import GraphSource
+    from optuna_fms.graphs.cache import GraphCache
+
+    store = WatchedStore(str(tmp_path))
+    sampler = optuna_fms.FMSSampler(
+        seed=0, n_startup_trials=3, pool_size=16, artifact_store=store, dashboard=False, progress=False,
+        fit_settings=FitSettings(full_steps=4, refine_steps=1, weight_steps=2, weight_graphs=2, refit_every=4),
+    )
+    sampler.graph_source._cache = GraphCache(maxsize=2)
+    study = optuna.create_study(direction="maximize", sampler=sampler,
+                                pruner=optuna_fms.FMSPruner(max_steps=4, min_segment_steps=1))
+    builds: list[tuple[str, bool]] = []
+    build = GraphSource._build
+
+    def watched_build(self, study, record):  # type: ignore[no-untyped-def]
+        builds.append((record.sha256, sampler.lock._is_owned()))
+        return build(self, study, record)
+
+    monkeypatch.setattr(GraphSource, "_build", watched_build)
+
+    def train(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        torch.manual_seed(trial.number)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        ckpt = optuna_fms.load_checkpoint(trial, model)
+        start = 0 if ckpt is None else ckpt.step + 1
+        for step in range(start, 4):
+            with torch.no_grad():
+                model[0].weight.mul_(0.9)
+            optuna_fms.save_checkpoint(trial, model, step)
+            trial.report(value(x, step), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value(x, 3)
+
+    store.watched = sampler.lock
+    study.optimize(train, n_trials=12)
+    keys = [key for key, _ in builds]
+    assert len(set(keys)) > 2 and len(keys) > len(set(keys))  # evicted graphs were read again
+    assert [key for key, locked in builds if locked] == []
+    assert store.under_lock == []

@@ -105,6 +105,11 @@ class History:
         self.graph_keys = list(self.graphs)
         self._graph_index = {k: i for i, k in enumerate(self.graph_keys)}
         self._initial_weights = initial_weights
+        named = {key for lin in lineages for key in lin.checkpoints.values()}
+        # NOTE: the graphs no lineage names as a checkpoint are those new configurations may start
+        # from (their pretrained weights): an adapter loads them before a decision (graphs_to_read).
+        self.start_keys = frozenset(k for k in self.graph_keys if k not in named)
+        self._training_rows: dict[int | None, tuple[Rows, np.ndarray, np.ndarray]] = {}
         observed = [lin.steps[-1] + 1 for lin in self.lineages if lin.steps]
         self.max_budget = max([max_steps or 1, *observed, *(b + 1 for b in observed)])
         values = np.array([v for lin in self.lineages for v in lin.values], dtype=float)
@@ -120,8 +125,14 @@ class History:
 
         Each row sees the whole curve before its step. With ``forecast_seed``, every
         observation with a curve before it gets a second row that sees only a random shorter
-        prefix: the surrogate then also learns to forecast several steps ahead.
+        prefix: the surrogate then also learns to forecast several steps ahead. Built once per
+        seed (a decision asks twice: for the graphs it needs, then to fit).
         """
+        if forecast_seed not in self._training_rows:
+            self._training_rows[forecast_seed] = self._build_training_rows(forecast_seed)
+        return self._training_rows[forecast_seed]
+
+    def _build_training_rows(self, forecast_seed: int | None) -> tuple[Rows, np.ndarray, np.ndarray]:
         configs, steps, keys, targets, prefixes, newest = [], [], [], [], [], []
         rng = np.random.default_rng(forecast_seed)
         for lin in self.lineages:

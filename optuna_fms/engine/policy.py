@@ -13,7 +13,7 @@ from optuna_fms.engine.acquisition import expected_improvement, incumbents
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Candidate, History
 from optuna_fms.engine.promotion import promotable
-from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings
+from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings, subsample_rows
 
 
 @dataclass
@@ -238,6 +238,30 @@ class FreezeThawPolicy:
             mean, std = self._surrogate.predict(history.candidate_rows(candidates))
             return mean * history.y_std + history.y_mean, std * history.y_std
 
+    def graphs_to_read(self, history: History) -> frozenset[str]:
+        """The graph keys the next decision on ``history`` may read from ``history.graphs``.
+
+        An adapter whose graphs load lazily (from an artifact store) loads these first, outside
+        its decision lock, so the decision itself reads nothing. A superset: the training rows
+        the next fit will take and every lineage's and start weight's graph, less those whose
+        embedding the surrogate has cached (all of them when the next fit starts from scratch).
+        """
+        with self._lock:
+            if self.settings.weights is None or not history.graph_keys or history.n_observations < 2:
+                return frozenset()
+            surrogate = self._reusable_surrogate(history)
+            rows, _, newest = history.training_rows(forecast_seed=self._forecast_seed(history))
+            used = set(history.candidate_rows(
+                [Candidate(lin.config, lin.next_step, lin.key) for lin in history.lineages]).graph.tolist())
+            if self._fitted_key != self._history_key(history) or surrogate is None:
+                index = (surrogate.training_index(len(rows), newest) if surrogate is not None
+                         else subsample_rows(len(rows), self.settings.fit.max_rows, newest, seed=self._seed))
+                used.update(rows.graph[index].tolist())
+            keys = {history.graph_keys[i] for i in used if i >= 0} | set(history.start_keys)
+            if surrogate is None or not surrogate.ready or surrogate.refits_from_scratch(len(rows)):
+                return frozenset(keys)
+            return frozenset(k for k in keys if surrogate.needs_graph(k))
+
     # --- internals ------------------------------------------------------------------------
 
     def _forecast(
@@ -316,28 +340,43 @@ class FreezeThawPolicy:
         config = dict(pool[0].config) if pool else history.space.sample(1, self._rng)[0]
         return Decision("new", config=config, reason=reason)
 
-    def _fit(self, history: History) -> None:
-        # NOTE: refit only when the history changed since the last fit; the pruner and the
-        # sampler of one study share this policy, so one report costs one refinement.
-        key = (
+    @staticmethod
+    def _history_key(history: History) -> tuple:
+        return (
             history.space,
             history.n_observations,
             tuple(history.graph_keys),
             tuple((lin.key, len(lin.values), lin.values[-1] if lin.values else None) for lin in history.lineages),
         )
+
+    def _forecast_seed(self, history: History) -> int | None:
+        return self._seed + history.n_observations if self.settings.target in _FORECASTING else None
+
+    def _reusable_surrogate(self, history: History) -> DeepKernelSurrogate | None:
+        """The current surrogate if the next fit on ``history`` keeps it, else None (a new one)."""
+        # NOTE: the weight branch exists only once some checkpoint has a graph, so a study
+        # without architectures runs exactly DyHPO's network.
+        weights = self.settings.weights if history.graph_keys else None
+        s = self._surrogate
+        if (
+            s is None
+            or s.config_dim != history.space.width
+            or s.weights != weights
+            or (self.settings.prior is not None and s.space != history.space)
+        ):
+            return None
+        return s
+
+    def _fit(self, history: History) -> None:
+        # NOTE: refit only when the history changed since the last fit; the pruner and the
+        # sampler of one study share this policy, so one report costs one refinement.
+        key = self._history_key(history)
         if key == self._fitted_key and self._surrogate is not None and self._surrogate.ready:
             return
         if history.n_observations < 2:
             return
-        # NOTE: the weight branch exists only once some checkpoint has a graph, so a study
-        # without architectures runs exactly DyHPO's network.
         weights = self.settings.weights if history.graph_keys else None
-        if (
-            self._surrogate is None
-            or self._surrogate.config_dim != history.space.width
-            or self._surrogate.weights != weights
-            or (self.settings.prior is not None and self._surrogate.space != history.space)
-        ):
+        if self._reusable_surrogate(history) is None:
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
                 weights,
@@ -350,8 +389,7 @@ class FreezeThawPolicy:
                 **({"prior": self.settings.prior, "space": history.space} if self.settings.prior is not None else {}),
             )
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
-        forecast = self._seed + history.n_observations if self.settings.target in _FORECASTING else None
-        rows, targets, newest = history.training_rows(forecast_seed=forecast)
+        rows, targets, newest = history.training_rows(forecast_seed=self._forecast_seed(history))
         self._surrogate.fit(rows, targets, keep=newest)  # each lineage's newest row is kept
         self._fitted_key = key
 

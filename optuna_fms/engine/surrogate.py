@@ -182,12 +182,10 @@ class DeepKernelSurrogate:
         ``keep`` flags rows that must survive subsampling (each lineage's newest observation).
         """
         with self._lock:
-            index = _subsample(len(rows), self.settings.max_rows, keep, seed=self._seed + self._n_fits)
+            index = self.training_index(len(rows), keep)
             inputs = torch.as_tensor(self._pack(rows.take(index)), dtype=self.dtype, device=self.device)
             y = torch.as_tensor(targets[index], dtype=self.dtype, device=self.device)
-            from_scratch = (
-                self._model is None or len(rows) - self._fitted_on >= self.settings.refit_every
-            )
+            from_scratch = self.refits_from_scratch(len(rows))
             # NOTE: fork_rng keeps the user's global torch RNG stream untouched, so a training
             # loop that calls the pruner between epochs stays reproducible.
             with torch.random.fork_rng(devices=[]):
@@ -221,6 +219,22 @@ class DeepKernelSurrogate:
                     _logger.warning("Surrogate fit failed (%s); it restarts from scratch.", err)
                     self._model = None
             self._n_fits += 1
+
+    def training_index(self, n: int, keep: np.ndarray | None) -> np.ndarray:
+        """The rows the next fit on ``n`` rows trains on (at most ``max_rows``; ``keep`` survives)."""
+        with self._lock:
+            return subsample_rows(n, self.settings.max_rows, keep, seed=self._seed + self._n_fits)
+
+    def refits_from_scratch(self, n: int) -> bool:
+        """Whether the next fit on ``n`` rows starts from scratch (and embeds every graph anew)."""
+        with self._lock:
+            return self._model is None or n - self._fitted_on >= self.settings.refit_every
+
+    def needs_graph(self, key: str) -> bool:
+        """Whether embedding ``key`` would read its graph: no embedding of it is cached now."""
+        with self._lock:
+            encoder = self._encoder()
+            return encoder is None or encoder.needs_graph(key)
 
     def predict(self, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
         """Predictive mean and standard deviation of an observation (standardized units)."""
@@ -298,7 +312,8 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _subsample(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> np.ndarray:
+def subsample_rows(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> np.ndarray:
+    """At most ``cap`` of ``n`` row indices, sorted: every ``keep`` row, then a seeded random draw."""
     if n <= cap:
         return np.arange(n)
     kept = np.flatnonzero(keep) if keep is not None else np.zeros(0, dtype=int)

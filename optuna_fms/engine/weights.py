@@ -98,6 +98,10 @@ class WeightEncoder(nn.Module):
         rows = [fresh[k] if k in fresh else self._cache.get(k, p) for k in keys]
         return torch.stack([r.to(p.device, p.dtype) for r in rows])
 
+    def needs_graph(self, key: str) -> bool:
+        """Whether embedding ``key`` would read its graph (frozen: none is cached or held)."""
+        return key not in self._cache and key not in self._pending and key not in self._unavailable
+
     def _available(self, key: str) -> bool:
         """Whether ``key``'s graph can be read; one that cannot (e.g. its checkpoint vanished)
         counts as "no weights" from then on."""
