@@ -7,7 +7,8 @@ weights, every step saves a real checkpoint of a small CNN with its architecture
 also read the new checkpoint, build its graph and embed it.
 Each decision is also split into its phases: reading the lineages (the shared index), building
 the engine's history (search space, checkpoint graphs) and the engine's decision (GP refinement on
-at most ``FitSettings.max_rows`` rows, scoring), the only part under the decision lock.
+at most ``FitSettings.max_rows`` rows, scoring) and, before it, naming the graphs the decision may
+read (``graph_plan``): the only parts under the decision lock.
 Writes ``<out>/<name>.json`` and ``<name>.png`` (default ``bench/results/overhead.*``).
 
     python -m bench.overhead [--sizes 100 300 1000] [--decisions 30] [--weights none gmn]
@@ -68,6 +69,7 @@ class _Phases:
             setattr(mod, name, self._timed(getattr(mod, name), phase))
         for name in ("choose_next", "should_continue"):
             setattr(policy, name, self._timed(getattr(policy, name), "engine"))
+        policy.graphs_to_read = self._timed(policy.graphs_to_read, "graph_plan")
 
     def _timed(self, fn, phase: str):  # type: ignore[no-untyped-def]
         if getattr(fn, "_bench_phase", None):

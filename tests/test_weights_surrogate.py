@@ -118,3 +118,55 @@ def test_a_graph_that_cannot_be_read_counts_as_no_weights() -> None:
     out = encoder(torch.tensor([0, 1, -1]))
     assert torch.equal(out[1], encoder.missing) and torch.equal(out[2], encoder.missing)
     assert not torch.equal(out[0], encoder.missing)
+
+
+class _Watched(dict):
+    """Graphs that note which keys a decision reads."""
+
+    def __init__(self, graphs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(graphs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_a_decision_reads_only_the_graphs_the_engine_named_before() -> None:
+    """graphs_to_read is what an adapter loads ahead of the decision lock: a decision that read a
+    graph outside it would read under the lock. It must also be smaller than everything once
+    the surrogate has embedded the graphs, or loading ahead would cost a read of every graph."""
+    from optuna_fms.engine import FreezeThawPolicy, PolicySettings
+
+    rng = np.random.default_rng(0)
+    graphs = {"init": graph_from_module(_pretrained(1.0, 99))}
+    settings = PolicySettings(n_startup=2, pool_size=16, n_local=4, weights="gmn", fit=FitSettings(
+        full_steps=3, refine_steps=1, weight_steps=2, weight_graphs=2, refit_every=6, max_rows=10))
+    policy = FreezeThawPolicy(settings, seed=0)
+    lineages: list[LineageRecord] = []
+    planned, named_less = 0, 0
+    for n in range(14):
+        lineages.append(LineageRecord(n, {"lr": float(10 ** rng.uniform(-3, -1))}, [], [], thawable=True))
+        for lin in lineages[-3:]:  # the newest three lineages take a step each, with a checkpoint
+            step = len(lin.steps)
+            key = f"l{lin.key}s{step}"
+            graphs[key] = graph_from_module(_pretrained(0.5 + 0.1 * step, 100 * lin.key + step))
+            lin.steps.append(step)
+            lin.values.append(float(rng.uniform()))
+            lin.checkpoints[step] = key
+        lineages[-1].running, lineages[-1].thawable = True, False
+        for decide in ("choose_next", "should_continue"):
+            watched = _Watched(graphs)
+            history = History(SPACE, [LineageRecord(lin.key, lin.config, list(lin.steps), list(lin.values),
+                                                    thawable=lin.thawable, running=lin.running,
+                                                    checkpoints=dict(lin.checkpoints)) for lin in lineages],
+                              max_steps=8, graphs=watched, initial_weights=lambda c: "init")
+            named = policy.graphs_to_read(history)
+            if decide == "choose_next":
+                policy.choose_next(history)
+            else:
+                policy.should_continue(history, lineages[-1].key, segment_steps=1, can_thaw=True)
+            assert watched.read <= named, (n, decide, watched.read - named)
+            planned += bool(watched.read)
+            named_less += len(named) < len(graphs) // 2
+    assert planned >= 5 and named_less >= 5

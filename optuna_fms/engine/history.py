@@ -188,9 +188,8 @@ class History:
                 mask[i, length - len(before) :] = 1.0
             # NOTE: the weights are those of the newest checkpoint the row's curve has seen (the
             # checkpoint of epoch b for a row after epoch b), never a later one: no leakage.
-            saved = [s for s in lin.checkpoints if seen and s <= seen[-1] and lin.checkpoints[s] in self._graph_index]
-            if saved:
-                graph[i] = self._graph_index[lin.checkpoints[max(saved)]]
+            if seen:
+                graph[i] = self._checkpoint_through(lin, seen[-1], graph[i])
         return Rows(
             x=self.space.encode_many(configs),
             budget=(np.asarray(steps, dtype=float) + 1.0) / self.max_budget,
@@ -198,6 +197,17 @@ class History:
             mask=mask,
             graph=graph,
         )
+
+    def next_graph(self, key: int) -> int:
+        """The graph lineage ``key``'s next step starts from (an index into ``graph_keys``, -1: none)."""
+        lin = self.by_key[key]
+        start = self._start_graph(lin.config)
+        return self._checkpoint_through(lin, lin.steps[-1], start) if lin.steps else start
+
+    def _checkpoint_through(self, lin: LineageRecord, step: int, otherwise: int) -> int:
+        """The newest checkpoint of ``lin`` saved at or before ``step`` that has a graph, else ``otherwise``."""
+        saved = [s for s in lin.checkpoints if s <= step and lin.checkpoints[s] in self._graph_index]
+        return self._graph_index[lin.checkpoints[max(saved)]] if saved else otherwise
 
     def _start_graph(self, config: Mapping[str, Any]) -> int:
         key = self._initial_weights(config) if self._initial_weights is not None else None

@@ -242,24 +242,28 @@ class FreezeThawPolicy:
         """The graph keys the next decision on ``history`` may read from ``history.graphs``.
 
         An adapter whose graphs load lazily (from an artifact store) loads these first, outside
-        its decision lock, so the decision itself reads nothing. A superset: the training rows
-        the next fit will take and every lineage's and start weight's graph, less those whose
-        embedding the surrogate has cached (all of them when the next fit starts from scratch).
+        its decision lock, so the decision itself reads nothing. A superset: the rows the next
+        fit will train on (if the history changed), every frozen or running lineage's next step
+        and every start weight, less the graphs whose embedding the surrogate has cached (none
+        when the next fit starts from scratch).
         """
         with self._lock:
             if self.settings.weights is None or not history.graph_keys or history.n_observations < 2:
                 return frozenset()
             surrogate = self._reusable_surrogate(history)
-            rows, _, newest = history.training_rows(forecast_seed=self._forecast_seed(history))
-            used = set(history.candidate_rows(
-                [Candidate(lin.config, lin.next_step, lin.key) for lin in history.lineages]).graph.tolist())
-            if self._fitted_key != self._history_key(history) or surrogate is None:
+            fits = surrogate is None or not surrogate.ready or self._fitted_key != self._history_key(history)
+            used = {history.next_graph(lin.key) for lin in history.lineages if lin.thawable or lin.running}
+            anew = False
+            if fits:
+                rows, _, newest = history.training_rows(forecast_seed=self._forecast_seed(history))
                 index = (surrogate.training_index(len(rows), newest) if surrogate is not None
                          else subsample_rows(len(rows), self.settings.fit.max_rows, newest, seed=self._seed))
                 used.update(rows.graph[index].tolist())
+                anew = surrogate is None or surrogate.refits_from_scratch(len(rows))
             keys = {history.graph_keys[i] for i in used if i >= 0} | set(history.start_keys)
-            if surrogate is None or not surrogate.ready or surrogate.refits_from_scratch(len(rows)):
+            if anew:
                 return frozenset(keys)
+            assert surrogate is not None
             return frozenset(k for k in keys if surrogate.needs_graph(k))
 
     # --- internals ------------------------------------------------------------------------
