@@ -356,16 +356,18 @@ class FreezeThawPolicy:
     def _forecast_seed(self, history: History) -> int | None:
         return self._seed + history.n_observations if self.settings.target in _FORECASTING else None
 
-    def _reusable_surrogate(self, history: History) -> DeepKernelSurrogate | None:
-        """The current surrogate if the next fit on ``history`` keeps it, else None (a new one)."""
+    def _weights_for(self, history: History) -> str | None:
         # NOTE: the weight branch exists only once some checkpoint has a graph, so a study
         # without architectures runs exactly DyHPO's network.
-        weights = self.settings.weights if history.graph_keys else None
+        return self.settings.weights if history.graph_keys else None
+
+    def _reusable_surrogate(self, history: History) -> DeepKernelSurrogate | None:
+        """The current surrogate if the next fit on ``history`` keeps it, else None (a new one)."""
         s = self._surrogate
         if (
             s is None
             or s.config_dim != history.space.width
-            or s.weights != weights
+            or s.weights != self._weights_for(history)
             or (self.settings.prior is not None and s.space != history.space)
         ):
             return None
@@ -379,11 +381,10 @@ class FreezeThawPolicy:
             return
         if history.n_observations < 2:
             return
-        weights = self.settings.weights if history.graph_keys else None
         if self._reusable_surrogate(history) is None:
             self._surrogate = DeepKernelSurrogate(
                 history.space.width,
-                weights,
+                self._weights_for(history),
                 use_curve=self.settings.use_curve,
                 input_kernel=self.settings.input_kernel,
                 curve_length=history.curve_length,
