@@ -173,13 +173,14 @@ PAIRED_REFERENCES = ("default", "dyhpo")  # the first one present is what every 
 
 
 def paired_differences(regret: dict[str, np.ndarray], seeds: dict[str, list[int]],
-                       checkpoints: list[int]) -> dict[str, Any]:
-    """Each arm minus the reference arm, seed by seed, at each checkpoint: mean, standard error, n.
+                       checkpoints: list[int], reference: str | None = None) -> dict[str, Any]:
+    """Each arm minus the reference arm (given, else the first of PAIRED_REFERENCES present), seed
+    by seed, at each checkpoint: mean, standard error, n.
 
     NOTE: the seeds of two arms share their start-up design and their hub, so the paired difference
     has a much smaller standard error than the two means' (the protocol of bench/README.md).
     """
-    ref = next((m for m in PAIRED_REFERENCES if m in regret), None)
+    ref = reference if reference is not None else next((m for m in PAIRED_REFERENCES if m in regret), None)
     if ref is None:
         return {}
     out: dict[str, Any] = {"reference": ref, "methods": {}}
@@ -450,8 +451,38 @@ def peer_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pair_table(folders: list[Path], arm: str, reference: str) -> str:
+    """Markdown: ``arm`` minus ``reference`` seed by seed in each results folder (mean +/- standard
+    error, and z), then the folders together: Stouffer's z, the sum of the per-folder z over the
+    square root of their number (the protocol's rule for a new default; bench/README.md)."""
+    fr = [f"{int(f * 100)}%" for f in FRACTIONS]
+    lines = ["| results | seeds | " + " | ".join(fr) + " |", "|---|---:|" + "---:|" * len(fr)]
+    zs: dict[str, list[float]] = {f: [] for f in fr}
+    for folder in folders:
+        runs = load_runs(folder)
+        if arm not in runs or reference not in runs:
+            raise ValueError(f"{folder} lacks {arm!r} or {reference!r}: it has {sorted(runs)}")
+        pair = {m: runs[m] for m in (arm, reference)}
+        budget = max(r["budget"] for recs in pair.values() for r in recs)
+        checkpoints = [max(1, math.ceil(f * budget)) for f in FRACTIONS]
+        regret = {m: recs[0]["oracle"]["val_acc"] - _best_val_matrix(recs, budget) for m, recs in pair.items()}
+        diff = paired_differences(regret, {m: [r["seed"] for r in recs] for m, recs in pair.items()},
+                                  checkpoints, reference=reference)["methods"][arm]
+        cells = []
+        for f in fr:
+            d = diff["at"][f]
+            zs[f].append(d["z"] or 0.0)
+            cells.append(f"{d['mean']:+.4f} +/- {d['se']:.4f} (z {d['z'] or 0.0:+.1f})")
+        lines.append(f"| {folder} | {len(diff['seeds'])} | " + " | ".join(cells) + " |")
+    lines.append("| Stouffer's z | | " + " | ".join(f"{sum(z) / math.sqrt(len(z)):+.2f}" for z in zs.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--pair"]:  # python -m bench.report --pair ARM REFERENCE folder ... -> stdout
+        print(pair_table([Path(a) for a in args[3:]], args[1], args[2]), end="")
+        return 0
     if args[:1] == ["--peer-table"]:  # python -m bench.report --peer-table digits animal ... -> stdout
         print(peer_table([json.loads((RESULTS / h / "summary.json").read_text()) for h in args[1:]]), end="")
         return 0

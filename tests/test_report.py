@@ -77,3 +77,30 @@ def test_the_readme_peer_table_is_the_one_the_committed_summaries_generate() -> 
     table = peer_table([json.loads((RESULTS / h / "summary.json").read_text()) for h in hubs])
     assert f"--peer-table {' '.join(hubs)}" in readme
     assert table in readme, "regenerate the README's peer table with the command above it"
+
+
+def test_the_pair_table_pairs_two_named_arms_per_folder_and_adds_stouffers_z(tmp_path: Path) -> None:
+    import math
+
+    from bench.report import pair_table
+
+    def write(folder: Path, method: str, seed: int, best_val: list[float]) -> None:
+        (folder / "runs").mkdir(parents=True, exist_ok=True)
+        rec = {"method": method, "seed": seed, "budget": len(best_val), "hub_fingerprint": "h",
+               "oracle": {"val_acc": 1.0}, "trace": {"best_val": best_val}}
+        (folder / "runs" / f"{method}-s{seed}.json").write_text(json.dumps(rec))
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for i, folder in enumerate(folders):
+        for seed in range(3):
+            base = [0.5 + 0.1 * seed] * 4
+            write(folder, "ref", seed, base)
+            # folder a: the arm gains 0.01, 0.02, 0.03 over the seeds (mean 0.02, se 0.00577: z -3.46);
+            # folder b: the arm is identical (z 0); a third arm in the folder is ignored
+            write(folder, "arm", seed, [v + (0.01 * (seed + 1) if i == 0 else 0.0) for v in base])
+            write(folder, "other", seed, [0.0] * 4)
+    table = pair_table(folders, "arm", "ref")
+    rows = table.strip().splitlines()
+    assert len(rows) == 2 + 2 + 1 and "other" not in table
+    assert "-0.0200 +/- 0.0058 (z -3.5)" in rows[2] and "+0.0000 +/- 0.0000 (z +0.0)" in rows[3]
+    assert rows[-1].endswith(" | " + " | ".join([f"{-3.4641 / math.sqrt(2):+.2f}"] * 4) + " |")
