@@ -66,16 +66,10 @@ def _default(seed: int, hub: Any):
     return optuna_fms.FMSSampler(seed=seed), optuna_fms.FMSPruner(max_steps=hub.n_epochs)
 
 
-def _default_calibrated(seed: int, hub: Any):
-    sampler, pruner = _default(seed, hub)
-    sampler.policy.settings.calibrate = "shared"  # NOTE: a probe's setting, not a constructor argument
-    return sampler, pruner
-
-
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
          n_startup: int = 8, noise_floor: float | None = None,
-         refine_growth: float | None = None, calibrate: bool | str = False) -> Factory:
+         refine_growth: float | None = None) -> Factory:
     def factory(seed: int, hub: Any):
         changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
         fit = FitSettings(**changed) if changed else None
@@ -84,7 +78,6 @@ def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, o
                                         promotion_probability=promotion, input_kernel=input_kernel,
                                         n_startup_trials=n_startup, fit_settings=fit)
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
-        sampler.policy.settings.calibrate = calibrate  # NOTE: a probe's setting, not a constructor argument
         return sampler, pruner
 
     return factory
@@ -127,12 +120,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as dyhpo, 16 random one-step configurations before the surrogate decides (default 8)"),
     Method("dyhpo-n2", _fms(weights=None, target="next", noise_floor=1e-2), fms=True,
            note="as dyhpo, the GP's noise variance at least 1e-2 (standardized; default 1e-4)"),
-    Method("default-cal1", _default_calibrated, fms=True, weights="gmn",
-           note="as default, every predictive std scaled by the lineages' record of one-step errors"),
-    Method("dyhpo-cal", _fms(weights=None, target="next", calibrate=True), fms=True,
-           note="as dyhpo, each candidate's predictive std scaled by its kind's record of one-step errors"),
-    Method("dyhpo-cal1", _fms(weights=None, target="next", calibrate="shared"), fms=True,
-           note="as dyhpo, every predictive std scaled by the lineages' record of one-step errors"),
     Method("dyhpo-n1", _fms(weights=None, target="next", noise_floor=1e-1), fms=True,
            note="as dyhpo, the GP's noise variance at least 0.1 (standardized; default 1e-4)"),
     Method("fms-gmn-next-n1", _fms(weights="gmn", target="next", noise_floor=1e-1), fms=True, weights="gmn",

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from optuna_fms.engine.acquisition import expected_improvement, incumbents
-from optuna_fms.engine.calibration import PredictionRecord
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Candidate, History
 from optuna_fms.engine.promotion import promotable
@@ -55,9 +54,6 @@ class PolicySettings:
     # step; see engine.promotion) instead of asking the surrogate. 0 is DyHPO/FMS as published.
     promotion_probability: float = 0.0
     promotion_eta: int = 3
-    # Scale each candidate's predictive std by how far off the surrogate's earlier one-step
-    # predictions for its kind (new configuration / lineage) turned out (engine/calibration.py).
-    calibrate: bool = False
     fit: FitSettings = field(default_factory=FitSettings)
     # NOTE: a decision also carries a Forecast (one more surrogate query of two rows, after the
     # choice is made, so it changes no decision); False leaves it out.
@@ -121,7 +117,6 @@ class FreezeThawPolicy:
         self._device = resolve_device(device)  # fails early on an unavailable device
         self._surrogate: DeepKernelSurrogate | None = None
         self._fitted_key: tuple | None = None
-        self._record = PredictionRecord()
         self._lock = threading.RLock()
 
     def reseed(self, seed: int | None) -> None:
@@ -433,10 +428,6 @@ class FreezeThawPolicy:
             cost = np.ones(len(candidates))
         self._surrogate.set_graphs(history.graph_keys, history.graphs)
         mean, std = self._surrogate.predict(history.candidate_rows(queries))
-        if self.settings.calibrate:
-            self._record.observe(history)
-            self._record.record(history, queries, mean, std)
-            std = std * self._record.factors(candidates, shared=self.settings.calibrate == "shared")
         return expected_improvement(mean, std, best) / cost, mean, std
 
 
