@@ -92,11 +92,16 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def checkpoint_epochs(budget: int) -> list[int]:
+    """The epochs at which regret is read: each of FRACTIONS of ``budget``, at least the first."""
+    return [max(1, math.ceil(f * budget)) for f in FRACTIONS]
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     any_rec = next(r for recs in runs.values() for r in recs)
     budget = max(r["budget"] for recs in runs.values() for r in recs)
     oracle = any_rec["oracle"]
-    checkpoints = [max(1, math.ceil(f * budget)) for f in FRACTIONS]
+    checkpoints = checkpoint_epochs(budget)
     common = sorted(set.intersection(*(set(r["seed"] for r in recs) for recs in runs.values())))
     methods = list(runs)
     regret = {m: oracle["val_acc"] - _best_val_matrix(runs[m], budget) for m in methods}
@@ -464,7 +469,7 @@ def pair_table(folders: list[Path], arm: str, reference: str) -> str:
             raise ValueError(f"{folder} lacks {arm!r} or {reference!r}: it has {sorted(runs)}")
         pair = {m: runs[m] for m in (arm, reference)}
         budget = max(r["budget"] for recs in pair.values() for r in recs)
-        checkpoints = [max(1, math.ceil(f * budget)) for f in FRACTIONS]
+        checkpoints = checkpoint_epochs(budget)
         regret = {m: recs[0]["oracle"]["val_acc"] - _best_val_matrix(recs, budget) for m, recs in pair.items()}
         diff = paired_differences(regret, {m: [r["seed"] for r in recs] for m, recs in pair.items()},
                                   checkpoints, reference=reference)["methods"][arm]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from concurrent.futures import ProcessPoolExecutor
 import json
-import math
 from pathlib import Path
 import sys
 import time
@@ -74,10 +73,10 @@ def run_arm(hub_path: str, method: str, seed: int, budget: int, arm: str) -> dic
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    from bench.report import FRACTIONS, _best_val_matrix, _mean_se
+    from bench.report import FRACTIONS, _best_val_matrix, _mean_se, checkpoint_epochs
 
     budget = max(r["budget"] for r in runs)
-    points = [max(1, math.ceil(f * budget)) for f in FRACTIONS]
+    points = checkpoint_epochs(budget)
     out: dict[str, Any] = {"hub": runs[0]["hub"], "oracle": runs[0]["oracle"], "method": runs[0]["method"], "budget": budget,
                            "fractions": list(FRACTIONS), "arms": {}}
     for arm in ARMS:
