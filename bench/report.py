@@ -476,8 +476,9 @@ def pair_table(folders: list[Path], arm: str, reference: str) -> str:
         cells = []
         for f in fr:
             d = diff["at"][f]
-            zs[f].append(d["z"] or 0.0)
-            cells.append(f"{d['mean']:+.4f} +/- {d['se']:.4f} (z {d['z'] or 0.0:+.1f})")
+            z = d["z"] or 0.0  # NOTE: None where the difference has no spread (e.g. both arms identical)
+            zs[f].append(z)
+            cells.append(f"{d['mean']:+.4f} +/- {d['se']:.4f} (z {z:+.1f})")
         lines.append(f"| {folder} | {len(diff['seeds'])} | " + " | ".join(cells) + " |")
     lines.append("| Stouffer's z | | " + " | ".join(f"{sum(z) / math.sqrt(len(z)):+.2f}" for z in zs.values()) + " |")
     return "\n".join(lines) + "\n"
