@@ -69,14 +69,16 @@ def _default(seed: int, hub: Any):
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
          n_startup: int = 8, noise_floor: float | None = None,
-         refine_growth: float | None = None) -> Factory:
+         refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None) -> Factory:
     def factory(seed: int, hub: Any):
         changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
         fit = FitSettings(**changed) if changed else None
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
                                         promotion_probability=promotion, input_kernel=input_kernel,
-                                        n_startup_trials=n_startup, fit_settings=fit)
+                                        n_startup_trials=n_startup, fit_settings=fit, pool_size=pool_size)
+        if n_local is not None:  # NOTE: probe only; the local moves are not a constructor argument
+            sampler.policy.settings.n_local = n_local
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -132,6 +134,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dyhpo-sh", _fms(weights=None, target="next", promotion=0.25), fms=True,
            note="as dyhpo, a quarter of the sampler's decisions thaw by successive halving's rule "
                 "(Syne Tune's DyHPO hedge)"),
+    Method("dyhpo-nl", _fms(weights=None, target="next", n_local=0), fms=True,
+           note="as dyhpo, new configurations drawn at random only: no local moves around the best "
+                "lineages (PolicySettings(n_local=0); Syne Tune's DyHPO pool)"),
+    Method("dyhpo-nl-p64", _fms(weights=None, target="next", n_local=0, pool_size=64), fms=True,
+           note="as dyhpo-nl with 64 random new configurations per decision instead of 256"),
     Method("dyhpo-g0", _fms(weights=None, target="next", refine_growth=0.0), fms=True,
            note="as dyhpo, the surrogate refined at every new observation (FitSettings(refine_growth=0), "
                 "the default before 2026-12-07)"),
