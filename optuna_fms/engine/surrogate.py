@@ -332,7 +332,7 @@ class _ExactDKGP(gpytorch.models.ExactGP):
         targets: torch.Tensor,
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
         extractor: FeatureExtractor,
-        input_kernel: bool = False,
+        input_kernel: bool | str = False,
     ) -> None:
         super().__init__(inputs, targets, likelihood)
         self.extractor = extractor
@@ -346,8 +346,14 @@ class _ExactDKGP(gpytorch.models.ExactGP):
             gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=self.n_raw))
             if input_kernel else None
         )
+        # NOTE: probe only: "only" drops the deep kernel, leaving a plain GP on the raw inputs.
+        self.deep = input_kernel != "only"
 
     def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
+        if not self.deep:
+            assert self.input_module is not None
+            covar = self.input_module(packed[:, : self.n_raw])
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(packed), covar)
         z = self.extractor(packed)
         covar = self.covar_module(z)
         if self.input_module is not None:
