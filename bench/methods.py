@@ -70,7 +70,7 @@ def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, o
          promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
          n_startup: int = 8, noise_floor: float | None = None,
          refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None,
-         kernel_only: bool = False) -> Factory:
+         kernel_only: bool | str = False) -> Factory:
     def factory(seed: int, hub: Any):
         changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
         fit = FitSettings(**changed) if changed else None
@@ -81,7 +81,7 @@ def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, o
         if n_local is not None:  # NOTE: probe only; the local moves are not a constructor argument
             sampler.policy.settings.n_local = n_local
         if kernel_only:  # NOTE: probe only: the input kernel alone, no deep kernel
-            sampler.policy.settings.input_kernel = "only"
+            sampler.policy.settings.input_kernel = "only" if kernel_only is True else kernel_only
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -143,6 +143,10 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dyhpo-mk", _fms(weights=None, target="next", kernel_only=True), fms=True,
            note="as dyhpo, but the GP's kernel is a Matern-5/2 with one lengthscale per raw input "
                 "(configuration and budget) and no deep kernel: Syne Tune DyHPO's kind of model"),
+    Method("dyhpo-mkl", _fms(weights=None, target="next", kernel_only="only+learned"), fms=True,
+           note="as dyhpo-mk, the curve branch's features also inputs of that kernel (one lengthscale each)"),
+    Method("fms-gmn-mkl", _fms(weights="gmn", target="next", kernel_only="only+learned"), fms=True, weights="gmn",
+           note="as dyhpo-mkl, with the graph metanetwork's embedding of the weights as more inputs"),
     Method("dyhpo-nl-p64", _fms(weights=None, target="next", n_local=0, pool_size=64), fms=True,
            note="as dyhpo-nl with 64 random new configurations per decision instead of 256"),
     Method("dyhpo-g0", _fms(weights=None, target="next", refine_growth=0.0), fms=True,

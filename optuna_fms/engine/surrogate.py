@@ -79,6 +79,21 @@ class FeatureExtractor(torch.nn.Module):
             parts.append(self.weights(graph[:, 0].round()))
         return self.head(torch.cat(parts, dim=-1))
 
+    @property
+    def learned_dim(self) -> int:
+        return (self.curve_net[0].out_channels if self.use_curve else 0) + (self.weights.dim if self.weights is not None else 0)
+
+    def learned(self, packed: torch.Tensor) -> torch.Tensor:
+        """The curve and weight branches alone (no configuration or budget), concatenated."""
+        length = self.curve_length
+        _, _, curve, mask, graph = torch.split(packed, [self.config_dim, 1, length, length, 1], dim=-1)
+        parts = [packed[:, :0]]
+        if self.use_curve:
+            parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
+        if self.weights is not None:
+            parts.append(self.weights(graph[:, 0].round()))
+        return torch.cat(parts, dim=-1)
+
 
 def pack(rows: Rows) -> np.ndarray:
     """Rows -> one matrix, because an ExactGP takes a single input tensor."""
@@ -342,17 +357,22 @@ class _ExactDKGP(gpytorch.models.ExactGP):
         # configuration encoding and budget, added to the deep kernel: a smooth prior that needs
         # no learned features, for the first decisions when the feature extractor has little data.
         self.n_raw = extractor.config_dim + 1  # the packed row starts with the configuration and budget
+        # NOTE: probe only: "only" drops the deep kernel, leaving a plain GP on the raw inputs;
+        # "only+learned" adds the curve and weight branches' features as more inputs of that GP.
+        self.deep = input_kernel not in ("only", "only+learned")
+        self.extra = extractor.learned_dim if input_kernel == "only+learned" else 0
         self.input_module = (
-            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=self.n_raw))
+            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=self.n_raw + self.extra))
             if input_kernel else None
         )
-        # NOTE: probe only: "only" drops the deep kernel, leaving a plain GP on the raw inputs.
-        self.deep = input_kernel != "only"
 
     def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
         if not self.deep:
             assert self.input_module is not None
-            covar = self.input_module(packed[:, : self.n_raw])
+            raw = packed[:, : self.n_raw]
+            if self.extra:
+                raw = torch.cat([raw, self.extractor.learned(packed)], dim=-1)
+            covar = self.input_module(raw)
             return gpytorch.distributions.MultivariateNormal(self.mean_module(packed), covar)
         z = self.extractor(packed)
         covar = self.covar_module(z)
