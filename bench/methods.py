@@ -67,21 +67,21 @@ def _default(seed: int, hub: Any):
 
 
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
-         promotion: float = 0.0, freeze_margin: float = 0.2, input_kernel: bool = False,
+         promotion: float = 0.0, freeze_margin: float = 0.2, kernel: str = "deep",
          n_startup: int = 8, noise_floor: float | None = None,
-         refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None,
-         kernel_only: bool | str = False) -> Factory:
+         refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None) -> Factory:
+    # NOTE: kernel "deep" with the learning curve was the engine's only surrogate until 2026-12-08,
+    # so the arms named before then keep it and reproduce their committed traces.
     def factory(seed: int, hub: Any):
         changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
         fit = FitSettings(**changed) if changed else None
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
-                                        promotion_probability=promotion, input_kernel=input_kernel,
+                                        promotion_probability=promotion,
                                         n_startup_trials=n_startup, fit_settings=fit, pool_size=pool_size)
         if n_local is not None:  # NOTE: probe only; the local moves are not a constructor argument
             sampler.policy.settings.n_local = n_local
-        if kernel_only:  # NOTE: probe only: the input kernel alone, no deep kernel
-            sampler.policy.settings.input_kernel = "only" if kernel_only is True else kernel_only
+        sampler.policy.settings.kernel = kernel  # NOTE: not a constructor argument (a prior brings "deep")
         pruner = optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights, freeze_margin=freeze_margin)
         return sampler, pruner
 
@@ -117,10 +117,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as dyhpo-ord, the pruner freezes as soon as any alternative's EI is higher (margin 0)"),
     Method("dyhpo-ord-sh-m0", _fms(weights=None, target="next", ordered=True, promotion=0.25, freeze_margin=0.0),
            fms=True, note="dyhpo-ord-sh and dyhpo-ord-m0 together"),
-    Method("dyhpo-ik", _fms(weights=None, target="next", input_kernel=True), fms=True,
-           note="as dyhpo, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
-    Method("fms-gmn-next-ik", _fms(weights="gmn", target="next", input_kernel=True), fms=True, weights="gmn",
-           note="as fms-gmn-next, plus the input kernel (input_kernel=True)"),
     Method("dyhpo-s16", _fms(weights=None, target="next", n_startup=16), fms=True,
            note="as dyhpo, 16 random one-step configurations before the surrogate decides (default 8)"),
     Method("dyhpo-n2", _fms(weights=None, target="next", noise_floor=1e-2), fms=True,
@@ -140,14 +136,13 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("dyhpo-nl", _fms(weights=None, target="next", n_local=0), fms=True,
            note="as dyhpo, new configurations drawn at random only: no local moves around the best "
                 "lineages (PolicySettings(n_local=0); Syne Tune's DyHPO pool)"),
-    Method("dyhpo-mk", _fms(weights=None, target="next", kernel_only=True), fms=True,
+    Method("dyhpo-mk", _fms(weights=None, target="next", use_learning_curve=False, kernel="input"), fms=True,
            note="as dyhpo, but the GP's kernel is a Matern-5/2 with one lengthscale per raw input "
-                "(configuration and budget) and no deep kernel: Syne Tune DyHPO's kind of model"),
-    Method("dyhpo-mkl", _fms(weights=None, target="next", kernel_only="only+learned"), fms=True,
+                "(configuration and budget) and no deep kernel: Syne Tune DyHPO's kind of model; "
+                "FMSSampler(weights=None) since 2026-12-08"),
+    Method("dyhpo-mkl", _fms(weights=None, target="next", kernel="input"), fms=True,
            note="as dyhpo-mk, the curve branch's features also inputs of that kernel (one lengthscale each)"),
-    Method("fms-gmn-mkl", _fms(weights="gmn", target="next", kernel_only="only+learned"), fms=True, weights="gmn",
-           note="as dyhpo-mkl, with the graph metanetwork's embedding of the weights as more inputs"),
-    Method("fms-gmn-mkw", _fms(weights="gmn", target="next", use_learning_curve=False, kernel_only="only+learned"),
+    Method("fms-gmn-mkw", _fms(weights="gmn", target="next", use_learning_curve=False, kernel="input"),
            fms=True, weights="gmn",
            note="as dyhpo-mk, with the graph metanetwork's embedding of the weights as more inputs (no curve)"),
     Method("dyhpo-nl-p64", _fms(weights=None, target="next", n_local=0, pool_size=64), fms=True,
@@ -163,10 +158,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            note="as fms-gmn-next, EI at a random horizon (target='horizon')"),
     Method("fms-gmn-next-n1-h", _fms(weights="gmn", target="horizon", noise_floor=1e-1), fms=True, weights="gmn",
            note="fms-gmn-next-n1 and fms-gmn-next-h together"),
-    Method("dyhpo-ord-ik", _fms(weights=None, target="next", ordered=True, input_kernel=True), fms=True,
-           note="as dyhpo-ord, plus an ARD Matern kernel on the raw configuration and budget (input_kernel=True)"),
-    Method("fms-gmn-next-ord-ik", _fms(weights="gmn", target="next", ordered=True, input_kernel=True), fms=True,
-           weights="gmn", note="as fms-gmn-next-ord, plus the input kernel (input_kernel=True)"),
     Method("fms-flat", _fms(weights="flat", target="final"), fms=True, weights="flat",
            note="flat weight sketch + learning curve, forecast target (target='final')"),
     Method("fms-flat-next", _fms(weights="flat", target="next"), fms=True, weights="flat",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class FMSSampler(BaseSampler):
-    """Forecasting Model Search: DyHPO-style freeze-thaw BO with a deep-kernel GP.
+    """Forecasting Model Search: DyHPO-style freeze-thaw BO with a GP that reads the checkpointed weights.
 
     Before each trial, the engine scores every frozen lineage at its next step and a pool of
     new configurations at their first step by multi-fidelity expected improvement. The best
@@ -42,7 +42,10 @@ class FMSSampler(BaseSampler):
         artifact_store: Where checkpoints live; default: a folder next to the storage file.
         device: Device of the surrogate; default CUDA when available, else CPU.
         pool_size: Random new configurations scored per decision.
-        use_learning_curve: Feed the learning curve so far to the surrogate (DyHPO/FMS).
+        use_learning_curve: Feed the learning curve so far to the surrogate, as DyHPO/FMS do.
+            Default (None): off, or as the ``prior`` was trained. The default kernel reads the
+            configuration, budget and weights; the curve's features added nothing there
+            (README, Surrogate options).
         target: ``"next"`` (default): DyHPO's and FMS's expected improvement one step ahead;
             ``"horizon"``: EI at a horizon drawn afresh for each decision (ifBO's hedge against
             favouring fast starters); ``"new-horizon"``: lineages one step ahead, new configurations
@@ -60,9 +63,6 @@ class FMSSampler(BaseSampler):
         promotion_probability: With this probability a decision thaws the frozen lineage that
             successive halving would promote (top third at its step), without the surrogate: a
             model-free hedge against a misleading surrogate. 0 (default): DyHPO/FMS as published.
-        input_kernel: Add to the deep kernel a Matern-5/2 kernel with one lengthscale per input
-            on the raw configuration encoding and budget: a smooth prior that needs no learned
-            features, for the decisions made on little data.
         recovery: How crashed segments come back: the lease that frees a lineage whose worker
             died without Optuna's heartbeat, and how many crashes a lineage survives (see
             :class:`optuna_fms.RecoverySettings`).
@@ -89,13 +89,12 @@ class FMSSampler(BaseSampler):
         artifact_store: ArtifactStore | None = None,
         device: str | None = None,
         pool_size: int = 256,
-        use_learning_curve: bool = True,
+        use_learning_curve: bool | None = None,
         target: str = "next",
         weights: str | None = "gmn",
         fit_settings: FitSettings | None = None,
         ordered_choices: bool = False,
         promotion_probability: float = 0.0,
-        input_kernel: bool = False,
         recovery: lin_mod.RecoverySettings | None = None,
         dashboard: bool = True,
         dashboard_every: int = 10,
@@ -114,7 +113,6 @@ class FMSSampler(BaseSampler):
             weights=weights,
             ordered_choices=ordered_choices,
             promotion_probability=promotion_probability,
-            input_kernel=input_kernel,
             fit=fit_settings or FitSettings(),
         )
         if prior is not None:
@@ -122,7 +120,8 @@ class FMSSampler(BaseSampler):
 
             settings.prior = resolve_prior(prior)
             # NOTE: checked now, so a prior that does not fit fails before the study starts.
-            settings.prior.check_compatible(weights=weights, use_curve=use_learning_curve)
+            curve = settings.prior.description["use_curve"] if use_learning_curve is None else use_learning_curve
+            settings.prior.check_compatible(weights=weights, use_curve=curve)
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
         self.recovery = recovery or lin_mod.RecoverySettings()

@@ -138,8 +138,11 @@ def optimize_worker(storage_path: str, study_name: str, n_trials: int, seed: int
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
     storage = optuna.storages.JournalStorage(JournalFileBackend(storage_path))
+    # NOTE: half the decisions thaw by successive halving's rule, so two workers often want the same
+    # lineage (the default surrogate, unsure of this wide space, would rather start new runs here).
     sampler = optuna_fms.FMSSampler(
-        seed=seed, n_startup_trials=4, pool_size=64, fit_settings=FitSettings(full_steps=100, refine_steps=15)
+        seed=seed, n_startup_trials=4, pool_size=64, fit_settings=FitSettings(full_steps=100, refine_steps=15),
+        promotion_probability=0.5,
     )
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=optuna_fms.FMSPruner())
     study.optimize(finetune_objective(6), n_trials=n_trials)

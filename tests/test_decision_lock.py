@@ -67,6 +67,7 @@ def _watched_study(tmp_path) -> tuple[optuna.Study, WatchedStorage, WatchedStore
     storage, store = WatchedStorage(), WatchedStore(str(tmp_path))
     study = make_study(storage, store)
     study.pruner.min_segment_steps = 1  # freeze whenever another run deserves the step
+    study.pruner.freeze_margin = 0.0
     storage.watched = store.watched = study.sampler.lock
     return study, storage, store
 

@@ -3,7 +3,7 @@ import pytest
 
 from optuna_fms.engine import (
     Candidate,
-    DeepKernelSurrogate,
+    GPSurrogate,
     Dimension,
     FitSettings,
     FreezeThawPolicy,
@@ -33,22 +33,39 @@ def _history(n: int, seed: int = 0, thawable: bool = True) -> History:
     return History(SPACE, lineages, max_steps=12)
 
 
-@pytest.mark.parametrize("input_kernel", [False, True])
-def test_surrogate_predicts_held_out_curve_points_better_than_the_mean(input_kernel: bool) -> None:
+@pytest.mark.parametrize(("kernel", "use_curve"), [("input", False), ("input", True), ("deep", True)])
+def test_surrogate_predicts_held_out_curve_points_better_than_the_mean(kernel: str, use_curve: bool) -> None:
     history = _history(50)
     rows, y, _ = history.training_rows()
     rng = np.random.default_rng(1)
     order = rng.permutation(len(y))
     train, test = order[: len(y) * 3 // 4], order[len(y) * 3 // 4 :]
-    model = DeepKernelSurrogate(SPACE.width, input_kernel=input_kernel, settings=FitSettings(full_steps=200))
+    model = GPSurrogate(SPACE.width, kernel=kernel, use_curve=use_curve, settings=FitSettings(full_steps=200))
     model.fit(rows.take(train), y[train])
     mean, std = model.predict(rows.take(test))
-    if input_kernel:  # one lengthscale per raw input: the configuration's columns and the budget
-        assert model._model.input_module.base_kernel.lengthscale.shape[-1] == SPACE.width + 1
+    if kernel == "input":  # one lengthscale per input: the configuration's columns, the budget, the curve's features
+        assert model._model.covar_module.base_kernel.lengthscale.shape[-1] == SPACE.width + 1 + 4 * use_curve
     rmse = np.sqrt(np.mean((mean - y[test]) ** 2))
     baseline = np.sqrt(np.mean((y[train].mean() - y[test]) ** 2))
     assert rmse < 0.5 * baseline
     assert np.all(std > 0)
+
+
+def test_input_kernel_is_unsure_far_from_what_it_has_seen() -> None:
+    """The default kernel has no learned map of the configuration, so a learning rate two decades
+    away from every observation gets (nearly) the prior's spread, not the data's confidence."""
+    rng = np.random.default_rng(3)
+    lineages = []
+    for key in range(12):
+        config = {"lr": float(10 ** rng.uniform(-4, -3)), "arch": "a"}
+        lineages.append(LineageRecord(key, config, [0, 1, 2], _curve(config, 3, rng)))
+    history = History(SPACE, lineages, max_steps=12)
+    rows, y, _ = history.training_rows()
+    model = GPSurrogate(SPACE.width, settings=FitSettings(full_steps=200))
+    model.fit(rows, y)
+    seen = model.predict(rows)[1]
+    far = model.predict(history.candidate_rows([Candidate({"lr": 1e-1, "arch": "a"}, 1, None)]))[1]
+    assert far[0] > 2 * np.median(seen)
 
 
 def test_noise_floor_bounds_the_noise_and_widens_the_predictive_spread() -> None:
@@ -56,7 +73,7 @@ def test_noise_floor_bounds_the_noise_and_widens_the_predictive_spread() -> None
     rows, y, _ = history.training_rows()
     noise, spread = {}, {}
     for floor in (1e-4, 0.1):
-        model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=300, noise_floor=floor))
+        model = GPSurrogate(SPACE.width, settings=FitSettings(full_steps=300, noise_floor=floor))
         model.fit(rows, y)
         noise[floor] = model._model.likelihood.noise.item()
         spread[floor] = model.predict(rows)[1].min()
@@ -68,7 +85,7 @@ def test_noise_floor_bounds_the_noise_and_widens_the_predictive_spread() -> None
 def test_refit_reuses_the_model_and_subsamples_rows() -> None:
     history = _history(40)
     rows, y, _ = history.training_rows()
-    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, max_rows=64))
+    model = GPSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, max_rows=64))
     model.fit(rows, y)
     first = model._model
     model.fit(rows, y)
@@ -84,7 +101,7 @@ def test_between_refinements_new_observations_are_conditioned_on_without_trainin
     rows, y, _ = history.training_rows()
     n = len(y) - 3
     growth = 2.5 / n  # 3 new rows are enough, 2 are not
-    model = DeepKernelSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, refine_growth=growth))
+    model = GPSurrogate(SPACE.width, settings=FitSettings(full_steps=20, refine_steps=5, refine_growth=growth))
     model.fit(rows.take(np.arange(n)), y[:n])
 
     def parameters() -> list[np.ndarray]:
@@ -136,7 +153,11 @@ def test_rows_never_see_their_own_target() -> None:
     assert all(m <= b * history.max_budget - 1 for m, b in zip(rows.mask.sum(axis=1), rows.budget))
 
 
-def test_policy_prefers_the_promising_frozen_lineage() -> None:
+@pytest.mark.parametrize("kernel", ["input", "deep"])
+def test_policy_prefers_the_promising_frozen_lineage(kernel: str) -> None:
+    """Among frozen lineages, the one whose curve promises most is thawed. NOTE: no new
+    configurations here: the input kernel, unsure of the region left empty around the good
+    lineage, would rather start one there (the deep kernel thaws)."""
     rng = np.random.default_rng(0)
     good = {"lr": 1e-2, "arch": "a"}
     lineages = [LineageRecord(0, good, [0, 1], _curve(good, 2, rng), thawable=True)]
@@ -145,7 +166,8 @@ def test_policy_prefers_the_promising_frozen_lineage() -> None:
             continue
         lineages.append(LineageRecord(key, config, list(range(6)), _curve(config, 6, rng), thawable=True))
     history = History(SPACE, lineages, max_steps=12)
-    policy = FreezeThawPolicy(PolicySettings(n_startup=3, fit=FAST, target="next"), seed=0)
+    settings = PolicySettings(n_startup=3, fit=FAST, target="next", kernel=kernel, pool_size=0, n_local=0)
+    policy = FreezeThawPolicy(settings, seed=0)
     decision = policy.choose_next(history)
     assert decision.action == "thaw" and decision.key == 0, decision
     # Excluding it (a lost claim) moves the choice elsewhere.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import optuna_fms
-from optuna_fms.engine import DeepKernelSurrogate, Dimension, FitSettings, History, LineageRecord, SearchSpace
+from optuna_fms.engine import GPSurrogate, Dimension, FitSettings, History, LineageRecord, SearchSpace
 from optuna_fms.engine.layout import UNKNOWN, InputLayout
 from optuna_fms.engine.prior import HEADER_KEY, PretrainSettings, load_prior, pretrain, save_prior
 
@@ -99,7 +99,7 @@ def test_a_prior_carries_what_its_sources_taught_into_another_space(prior_file) 
     test_y = test.standardize([v for lin in test.lineages for v in lin.values])
     scores = {}
     for name, p in (("none", None), ("prior", prior)):
-        s = DeepKernelSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=100), prior=p,
+        s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=100), prior=p,
                                 space=SPACE_B if p is not None else None)
         s.fit(rows, y, keep=keep)
         mean, _ = s.predict(test_rows)
@@ -111,7 +111,7 @@ def test_a_prior_carries_what_its_sources_taught_into_another_space(prior_file) 
 def test_the_unknown_input_is_learned_and_the_new_parameter_starts_neutral(prior_file) -> None:
     prior = load_prior(prior_file)
     assert prior.tensors["extractor.unknown"].abs().max() > 1e-3  # moved from its zero start
-    s = DeepKernelSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=0), prior=prior, space=SPACE_B)
+    s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=0), prior=prior, space=SPACE_B)
     target = _task(SPACE_B, 6, 5)
     rows, y, keep = target.training_rows()
     s.fit(rows, y, keep=keep)
@@ -285,10 +285,10 @@ def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly() -> None:
     rows, y, keep = plain.training_rows()
     predictions = []
     for weights in ("gmn", None):
-        s = DeepKernelSurrogate(space.width, weights, settings=FitSettings(full_steps=0), prior=prior, space=space)
+        s = GPSurrogate(space.width, weights, settings=FitSettings(full_steps=0), prior=prior, space=space)
         s.fit(rows, y, keep=keep)
         predictions.append(s.predict(rows))
     assert np.allclose(predictions[0][0], predictions[1][0], atol=1e-6)
     assert np.allclose(predictions[0][1], predictions[1][1], atol=1e-6)
     with pytest.raises(optuna_fms.PriorError, match="weights='gmn'; a surrogate with weights='flat'"):
-        DeepKernelSurrogate(space.width, "flat", prior=prior, space=space)
+        GPSurrogate(space.width, "flat", prior=prior, space=space)

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from optuna_fms.engine import Candidate, DeepKernelSurrogate, Dimension, FitSettings, History, LineageRecord, SearchSpace
+from optuna_fms.engine import Candidate, GPSurrogate, Dimension, FitSettings, History, LineageRecord, SearchSpace
 from optuna_fms.engine.weights import WeightEncoder
 from optuna_fms.graphs import graph_from_module
 
@@ -51,7 +51,7 @@ def test_weights_predict_what_hyperparameters_cannot() -> None:
     errors = {}
     for kind in (weights, None):
         settings = FitSettings(full_steps=150, weight_steps=60, weight_graphs=32)
-        model = DeepKernelSurrogate(1, kind, settings=settings, seed=0)
+        model = GPSurrogate(1, kind, settings=settings, seed=0)
         model.set_graphs(train.graph_keys, train.graphs)
         model.fit(rows, y, keep=keep)
         mean, _ = model.predict(train.candidate_rows(queries))

@@ -3,12 +3,12 @@
 from optuna_fms.engine.history import Candidate, History, LineageRecord
 from optuna_fms.engine.policy import Decision, FreezeThawPolicy, PolicySettings
 from optuna_fms.engine.space import Dimension, SearchSpace
-from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings
+from optuna_fms.engine.surrogate import GPSurrogate, FitSettings
 
 __all__ = [
     "Candidate",
     "Decision",
-    "DeepKernelSurrogate",
+    "GPSurrogate",
     "Dimension",
     "FitSettings",
     "FreezeThawPolicy",

@@ -13,7 +13,7 @@ from optuna_fms.engine.acquisition import expected_improvement, incumbents
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Candidate, History
 from optuna_fms.engine.promotion import promotable
-from optuna_fms.engine.surrogate import DeepKernelSurrogate, FitSettings, subsample_rows
+from optuna_fms.engine.surrogate import GPSurrogate, FitSettings, subsample_rows
 
 
 @dataclass
@@ -28,9 +28,16 @@ class PolicySettings:
     n_startup: int = 8
     pool_size: int = 256
     n_local: int = 64
-    use_curve: bool = True
-    # An ARD Matern kernel on the raw configuration and budget, added to the deep kernel.
-    input_kernel: bool = False
+    # The surrogate's kernel (engine.surrogate.KERNELS): "input" (default), a Matern-5/2 kernel
+    # on the configuration, budget and weight embedding; "deep", DyHPO/FMS's deep kernel (the one
+    # a prior brings). NOTE: on 20 paired seeds per design hub without weights, "input" left no seed
+    # stuck on arch (7 of 20 with "deep") and had lower regret at 25 / 50 / 100 % (pooled z -1.7 /
+    # -1.2 / -2.5), at a cost on arch at 10 % (+0.070, 3.6 s.e.): bench/results/probes/kernel/.
+    kernel: str = "input"
+    # NOTE: the curve branch's features as more inputs; with the input kernel they added nothing
+    # (pooled z +2.2 at 10 % and +2.1 at 100 %, worse), so they are off unless asked for. None:
+    # as the prior was trained (its deep kernel has the branch or not), else off.
+    use_curve: bool | None = None
     # NOTE: "next" (default) is DyHPO/FMS as published: EI one step ahead, over the best value seen
     # at that budget. "final" scores every candidate by the EI of its forecast value at the
     # deepest step observed so far over the best value seen, per step still needed (the surrogate
@@ -102,7 +109,7 @@ class Decision:
 
 
 class FreezeThawPolicy:
-    """DyHPO/FMS: refit the deep-kernel GP on the history, score candidates by EI one step ahead."""
+    """DyHPO/FMS: refit the GP surrogate on the history, score candidates by EI one step ahead."""
 
     def __init__(
         self,
@@ -115,7 +122,7 @@ class FreezeThawPolicy:
         self._rng = np.random.default_rng(seed)
         self._seed = 0 if seed is None else seed
         self._device = resolve_device(device)  # fails early on an unavailable device
-        self._surrogate: DeepKernelSurrogate | None = None
+        self._surrogate: GPSurrogate | None = None
         self._fitted_key: tuple | None = None
         self._lock = threading.RLock()
 
@@ -361,7 +368,7 @@ class FreezeThawPolicy:
         # without architectures runs exactly DyHPO's network.
         return self.settings.weights if history.graph_keys else None
 
-    def _reusable_surrogate(self, history: History) -> DeepKernelSurrogate | None:
+    def _reusable_surrogate(self, history: History) -> GPSurrogate | None:
         """The current surrogate if the next fit on ``history`` keeps it, else None (a new one)."""
         s = self._surrogate
         if (
@@ -382,11 +389,11 @@ class FreezeThawPolicy:
         if history.n_observations < 2:
             return
         if self._reusable_surrogate(history) is None:
-            self._surrogate = DeepKernelSurrogate(
+            self._surrogate = GPSurrogate(
                 history.space.width,
                 self._weights_for(history),
                 use_curve=self.settings.use_curve,
-                input_kernel=self.settings.input_kernel,
+                kernel=self.settings.kernel,
                 curve_length=history.curve_length,
                 settings=self.settings.fit,
                 seed=self._seed,

@@ -40,7 +40,7 @@ from optuna_fms.engine.layout import UNKNOWN, InputLayout, InputMap
 if TYPE_CHECKING:
     import torch
 
-    from optuna_fms.engine.surrogate import _ExactDKGP
+    from optuna_fms.engine.surrogate import _ExactGP
     from optuna_fms.graphs.schema import ParameterGraph
 
 FORMAT = "optuna-fms-prior/1"
@@ -104,7 +104,7 @@ class Prior:
         if curve_length is not None and curve_length != d["curve_length"]:
             raise PriorError(f"The prior reads curves of {d['curve_length']} steps, this surrogate {curve_length}.")
 
-    def warm_start(self, model: _ExactDKGP, input_map: InputMap) -> None:
+    def warm_start(self, model: _ExactGP, input_map: InputMap) -> None:
         """Copy the prior into a freshly built ``model`` whose inputs follow ``input_map``."""
         import torch
 
@@ -254,7 +254,7 @@ def pretrain(
     import torch
 
     from optuna_fms.engine.device import resolve_device
-    from optuna_fms.engine.surrogate import FeatureExtractor, _ExactDKGP, _one_thread, pack
+    from optuna_fms.engine.surrogate import FeatureExtractor, _ExactGP, _one_thread, pack
 
     settings = settings or PretrainSettings()
     names = list(names) if names is not None else [f"history {i}" for i in range(len(histories))]
@@ -291,7 +291,7 @@ def pretrain(
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(settings.noise_floor))
         x0, y0 = sources[0]
-        model = _ExactDKGP(x0[:2], y0[:2], likelihood, extractor).to(device=dev, dtype=torch.float64)
+        model = _ExactGP(x0[:2], y0[:2], likelihood, extractor).to(device=dev, dtype=torch.float64)
         encoder = extractor.weights
         if encoder is not None:
             encoder.net.float()

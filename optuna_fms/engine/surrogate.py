@@ -1,4 +1,10 @@
-"""Deep-kernel GP: a feature extractor over (configuration, budget, curve, weights) under an exact GP."""
+"""The GP surrogate: an exact GP on (configuration, budget[, curve][, weights]), fitted incrementally.
+
+Two kernels. The default reads the configuration encoding and the budget as they are, with one
+Matern-5/2 lengthscale per input, plus the learned weight embedding (and curve features) as more
+inputs. The deep kernel of DyHPO/FMS maps everything through a learned feature extractor first;
+it is the network a pretrained prior (engine/prior.py) carries, and the one a prior's surrogate uses.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +33,24 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 
-class FeatureExtractor(torch.nn.Module):
-    """psi(x, b, curve, w): config MLP, a 1-D conv over the curve, and the weight embedding.
+class CurveBranch(torch.nn.Sequential):
+    """A 1-D convolution over the learning curve, max-pooled over time. It reads two channels, the
+    standardized values and a mask of real entries, so a padded zero is not taken for a value."""
 
-    The three branches are concatenated and mixed by one more layer, as in DyHPO/FMS. The
-    curve branch reads two channels, the standardized values and a mask of real entries, so a
-    padded zero is not mistaken for an observed value.
-    """
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__(
+            torch.nn.Conv1d(2, channels, kernel_size=3, padding=1),
+            torch.nn.AdaptiveMaxPool1d(1),
+            torch.nn.Flatten(),
+        )
+
+    def read(self, curve: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self(torch.stack([curve * mask, mask], dim=1))
+
+
+class FeatureExtractor(torch.nn.Module):
+    """psi(x, b, curve, w) of the deep kernel: config MLP, curve branch and weight embedding,
+    concatenated and mixed by one more layer, as in DyHPO/FMS."""
 
     def __init__(
         self,
@@ -57,11 +74,7 @@ class FeatureExtractor(torch.nn.Module):
         self.weights = WeightEncoder(weights, max_graphs=max_graphs) if weights is not None else None
         embedding_dim = self.weights.dim if self.weights is not None else 0
         self.config_net = torch.nn.Sequential(torch.nn.Linear(config_dim + 1, hidden), torch.nn.LeakyReLU())
-        self.curve_net = torch.nn.Sequential(
-            torch.nn.Conv1d(2, curve_channels, kernel_size=3, padding=1),
-            torch.nn.AdaptiveMaxPool1d(1),
-            torch.nn.Flatten(),
-        )
+        self.curve_net = CurveBranch(curve_channels)
         width = hidden + (curve_channels if use_curve else 0) + embedding_dim
         self.head = torch.nn.Sequential(torch.nn.Linear(width, out), torch.nn.LeakyReLU())
         # NOTE: created last and only with a prior, so the default network is the one it always was.
@@ -74,25 +87,50 @@ class FeatureExtractor(torch.nn.Module):
             x = torch.where(x < -0.5, self.unknown.expand_as(x), x)  # -0.5: below any encoded value
         parts = [self.config_net(torch.cat([x, budget], dim=-1))]
         if self.use_curve:
-            parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
+            parts.append(self.curve_net.read(curve, mask))
         if self.weights is not None:
             parts.append(self.weights(graph[:, 0].round()))
         return self.head(torch.cat(parts, dim=-1))
 
-    @property
-    def learned_dim(self) -> int:
-        return (self.curve_net[0].out_channels if self.use_curve else 0) + (self.weights.dim if self.weights is not None else 0)
 
-    def learned(self, packed: torch.Tensor) -> torch.Tensor:
-        """The curve and weight branches alone (no configuration or budget), concatenated."""
+class InputFeatures(torch.nn.Module):
+    """(x, b[, curve][, w]) for a kernel on the inputs themselves: the configuration encoding and
+    the budget unchanged, then the curve branch's features and the weight encoder's embedding.
+
+    NOTE: the configuration and budget get no learned map. A deep kernel that learns one fits a few
+    dozen observations too well and writes off a region of the space for good: on the arch hub 7
+    of 20 seeds ended stuck on a family that peaks lower, none with this kernel (20 paired seeds per
+    design hub, bench/results/probes/kernel/). Only what has no fixed encoding is learned.
+    """
+
+    def __init__(
+        self,
+        config_dim: int,
+        weights: str | None = None,
+        *,
+        curve_channels: int = 4,
+        use_curve: bool = False,
+        curve_length: int = 16,
+        max_graphs: int = 16,
+    ) -> None:
+        super().__init__()
+        self.config_dim = config_dim
+        self.curve_length = curve_length
+        self.use_curve = use_curve
+        self.weights = WeightEncoder(weights, max_graphs=max_graphs) if weights is not None else None
+        self.curve_net = CurveBranch(curve_channels) if use_curve else None
+        self.dim = (config_dim + 1 + (curve_channels if use_curve else 0)
+                    + (self.weights.dim if self.weights is not None else 0))
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
         length = self.curve_length
-        _, _, curve, mask, graph = torch.split(packed, [self.config_dim, 1, length, length, 1], dim=-1)
-        parts = [packed[:, :0]]
-        if self.use_curve:
-            parts.append(self.curve_net(torch.stack([curve * mask, mask], dim=1)))
+        inputs, curve, mask, graph = torch.split(packed, [self.config_dim + 1, length, length, 1], dim=-1)
+        parts = [inputs]
+        if self.curve_net is not None:
+            parts.append(self.curve_net.read(curve, mask))
         if self.weights is not None:
             parts.append(self.weights(graph[:, 0].round()))
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else inputs
 
 
 def pack(rows: Rows) -> np.ndarray:
@@ -130,17 +168,25 @@ class FitSettings:
     noise_floor: float = 1e-4  # lower bound of the GP's noise variance (standardized units)
 
 
-class DeepKernelSurrogate:
-    """An exact GP whose kernel reads the learned features; thread-safe, refit incrementally."""
+KERNELS = ("input", "deep")
+
+
+class GPSurrogate:
+    """An exact GP on the rows' inputs, with one of ``KERNELS``; thread-safe, refit incrementally.
+
+    ``kernel="input"`` (default): a Matern-5/2 kernel with one lengthscale per input on
+    :class:`InputFeatures`. ``"deep"``: DyHPO/FMS's deep kernel, an RBF kernel on the learned
+    :class:`FeatureExtractor`; a surrogate with a ``prior`` always uses it (the prior is one).
+    """
 
     def __init__(
         self,
         config_dim: int,
         weights: str | None = None,
         *,
-        use_curve: bool = True,
+        use_curve: bool | None = None,
         curve_length: int = 16,
-        input_kernel: bool = False,
+        kernel: str = "input",
         settings: FitSettings | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
@@ -148,18 +194,21 @@ class DeepKernelSurrogate:
         space: SearchSpace | None = None,
     ) -> None:
         """``prior`` (with the ``space`` the rows encode): every fit from scratch starts from the
-        pretrained parameters instead of a random initialization (engine/prior.py)."""
+        pretrained parameters instead of a random initialization (engine/prior.py), with its deep
+        kernel. ``use_curve`` None: as the prior was trained, else no curve branch."""
+        if kernel not in KERNELS:
+            raise ValueError(f"Unknown kernel {kernel!r}; use one of {KERNELS}.")
         self.config_dim = config_dim
         self.weights = weights
-        self.input_kernel = input_kernel
+        self.kernel = "deep" if prior is not None else kernel
         self.curve_length = curve_length
-        self.use_curve = use_curve
+        self.use_curve = bool(prior.description["use_curve"] if use_curve is None and prior is not None else use_curve)
         self.settings = settings or FitSettings()
         self.device = resolve_device(device)
         self.dtype = self.settings.dtype
         self._seed = seed
         self._n_fits = 0
-        self._model: _ExactDKGP | None = None
+        self._model: _ExactGP | None = None
         self._fitted_on = 0  # observations at the last fit from scratch
         self._refined_on = 0  # observations at the last fit or refinement
         self._graph_table: tuple[list[str], Mapping[str, ParameterGraph]] = ([], {})
@@ -169,7 +218,7 @@ class DeepKernelSurrogate:
         if prior is not None:
             if space is None or space.width != config_dim:
                 raise ValueError("A surrogate with a prior needs the search space its rows encode.")
-            prior.check_compatible(weights=weights, use_curve=use_curve, curve_length=curve_length)
+            prior.check_compatible(weights=weights, use_curve=self.use_curve, curve_length=curve_length)
         self._input_map = prior.layout.input_map(space) if prior is not None and space is not None else None
 
     def _pack(self, rows: Rows) -> np.ndarray:
@@ -267,21 +316,27 @@ class DeepKernelSurrogate:
                 std = posterior.variance.clamp_min(1e-12).sqrt()
             return mean.cpu().numpy(), std.cpu().numpy()
 
-    def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactDKGP:
+    def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactGP:
+        extractor: FeatureExtractor | InputFeatures
         if self.prior is not None and self._input_map is not None:
             extractor = FeatureExtractor(
                 self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
                 max_graphs=self.settings.weight_graphs, unknown=True, **self.prior.network,
             )
-        else:
+        elif self.kernel == "deep":
             extractor = FeatureExtractor(
+                self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+                max_graphs=self.settings.weight_graphs,
+            )
+        else:
+            extractor = InputFeatures(
                 self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
                 max_graphs=self.settings.weight_graphs,
             )
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
-        model = _ExactDKGP(inputs, y, likelihood, extractor, self.input_kernel).to(device=self.device, dtype=self.dtype)
+        model = _ExactGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=self.dtype)
         if self.prior is not None and self._input_map is not None:
             self.prior.warm_start(model, self._input_map)
         if extractor.weights is not None:
@@ -340,42 +395,24 @@ def subsample_rows(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> n
     return np.sort(np.concatenate([kept, extra]))
 
 
-class _ExactDKGP(gpytorch.models.ExactGP):
+class _ExactGP(gpytorch.models.ExactGP):
+    """A constant mean and a scaled kernel on the features: RBF on the deep kernel's learned
+    features, Matern-5/2 with one lengthscale per input on :class:`InputFeatures`."""
+
     def __init__(
         self,
         inputs: torch.Tensor,
         targets: torch.Tensor,
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
-        extractor: FeatureExtractor,
-        input_kernel: bool | str = False,
+        extractor: FeatureExtractor | InputFeatures,
     ) -> None:
         super().__init__(inputs, targets, likelihood)
         self.extractor = extractor
         self.mean_module = gpytorch.means.ConstantMean()
-        self.covar_module = gpytorch.kernels.ScaleKernel(gpytorch.kernels.RBFKernel())
-        # NOTE: optionally a second kernel, Matern-5/2 with one lengthscale per input, on the raw
-        # configuration encoding and budget, added to the deep kernel: a smooth prior that needs
-        # no learned features, for the first decisions when the feature extractor has little data.
-        self.n_raw = extractor.config_dim + 1  # the packed row starts with the configuration and budget
-        # NOTE: probe only: "only" drops the deep kernel, leaving a plain GP on the raw inputs;
-        # "only+learned" adds the curve and weight branches' features as more inputs of that GP.
-        self.deep = input_kernel not in ("only", "only+learned")
-        self.extra = extractor.learned_dim if input_kernel == "only+learned" else 0
-        self.input_module = (
-            gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=self.n_raw + self.extra))
-            if input_kernel else None
-        )
+        base = (gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=extractor.dim)
+                if isinstance(extractor, InputFeatures) else gpytorch.kernels.RBFKernel())
+        self.covar_module = gpytorch.kernels.ScaleKernel(base)
 
     def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
-        if not self.deep:
-            assert self.input_module is not None
-            raw = packed[:, : self.n_raw]
-            if self.extra:
-                raw = torch.cat([raw, self.extractor.learned(packed)], dim=-1)
-            covar = self.input_module(raw)
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(packed), covar)
         z = self.extractor(packed)
-        covar = self.covar_module(z)
-        if self.input_module is not None:
-            covar = covar + self.input_module(packed[:, : self.n_raw])
-        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), covar)
+        return gpytorch.distributions.MultivariateNormal(self.mean_module(z), self.covar_module(z))
