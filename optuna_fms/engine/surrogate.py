@@ -98,8 +98,8 @@ class InputFeatures(torch.nn.Module):
     the budget unchanged, then the curve branch's features and the weight encoder's embedding.
 
     NOTE: the configuration and budget get no learned map. A deep kernel that learns one fits a few
-    dozen observations too well and writes off a region of the space for good: on the arch hub 7
-    of 20 seeds ended stuck on a family that peaks lower, none with this kernel (20 paired seeds per
+    dozen observations too well and writes off a region of the space for good: on the arch hub 9
+    of 40 seeds ended stuck on a family that peaks lower, none with this kernel (40 paired seeds per
     design hub, bench/results/probes/kernel/). Only what has no fixed encoding is learned.
     """
 
@@ -116,7 +116,6 @@ class InputFeatures(torch.nn.Module):
         super().__init__()
         self.config_dim = config_dim
         self.curve_length = curve_length
-        self.use_curve = use_curve
         self.weights = WeightEncoder(weights, max_graphs=max_graphs) if weights is not None else None
         self.curve_net = CurveBranch(curve_channels) if use_curve else None
         self.dim = (config_dim + 1 + (curve_channels if use_curve else 0)
@@ -130,7 +129,7 @@ class InputFeatures(torch.nn.Module):
             parts.append(self.curve_net.read(curve, mask))
         if self.weights is not None:
             parts.append(self.weights(graph[:, 0].round()))
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else inputs
+        return torch.cat(parts, dim=-1)
 
 
 def pack(rows: Rows) -> np.ndarray:
