@@ -120,8 +120,7 @@ class FMSSampler(BaseSampler):
 
             settings.prior = resolve_prior(prior)
             # NOTE: checked now, so a prior that does not fit fails before the study starts.
-            curve = settings.prior.description["use_curve"] if use_learning_curve is None else use_learning_curve
-            settings.prior.check_compatible(weights=weights, use_curve=curve)
+            settings.prior.check_compatible(weights=weights, use_curve=use_learning_curve)
         self.policy = FreezeThawPolicy(settings, seed=seed, device=device)
         self.artifact_store = artifact_store
         self.recovery = recovery or lin_mod.RecoverySettings()

@@ -87,8 +87,9 @@ class Prior:
     def network(self) -> dict[str, int]:
         return dict(self.description["network"])
 
-    def check_compatible(self, *, weights: str | None, use_curve: bool, curve_length: int | None = None) -> None:
-        """Raises PriorError unless a surrogate with these settings can start from this prior.
+    def check_compatible(self, *, weights: str | None, use_curve: bool | None, curve_length: int | None = None) -> None:
+        """Raises PriorError unless a surrogate with these settings can start from this prior
+        (``use_curve`` None: as the prior was trained, so any).
 
         A surrogate without weights can use a prior with weights (every row then has the learned
         "no weights" embedding, folded into the head); one with weights can use a prior without
@@ -98,7 +99,7 @@ class Prior:
         if weights is not None and d["weights"] is not None and weights != d["weights"]:
             raise PriorError(f"The prior was trained with weights={d['weights']!r}; a surrogate with "
                              f"weights={weights!r} cannot start from it (use {d['weights']!r} or None).")
-        if use_curve != d["use_curve"]:
+        if use_curve is not None and use_curve != d["use_curve"]:
             raise PriorError(f"The prior was trained {'with' if d['use_curve'] else 'without'} the learning "
                              f"curve branch; this surrogate is {'with' if use_curve else 'without'} it.")
         if curve_length is not None and curve_length != d["curve_length"]:
