@@ -75,7 +75,8 @@ class FMSSampler(BaseSampler):
             spent, the best value so far and the lineages by state. False: none.
         prior: A surrogate pretrained on finished studies (a file written by
             :func:`optuna_fms.pretrain_surrogate`): every full fit starts from it instead of a
-            random initialization, and keeps learning from this study's data. Parameters are
+            random initialization, with the prior's kernel, and keeps learning from this study's
+            data (the default kernel's prior: its mean's offset and scale). Parameters are
             matched to the prior's by name and distribution (README, Transfer). A file that
             cannot be read or does not fit these settings raises :class:`optuna_fms.PriorError`.
     """

@@ -54,7 +54,8 @@ def pretrain_surrogate(
     artifact_store: ArtifactStore | None = None,
     seed: int = 0,
     device: str | None = None,
-    use_learning_curve: bool = True,
+    kernel: str = "input",
+    use_learning_curve: bool | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Train the whole surrogate on finished work and write it to ``path`` (safetensors, no pickle).
@@ -63,7 +64,10 @@ def pretrain_surrogate(
     default each study's own folder; pass ``(study, store)`` for a study with its own store),
     engine :class:`~optuna_fms.engine.History` objects, or ``(name, history)`` pairs (the benchmark's
     hub tables: ``bench/transfer.py``). ``weights``: the weight encoder to pretrain (``"gmn"``,
-    ``"flat"`` or None). ``options``: fields of :class:`optuna_fms.engine.prior.PretrainSettings`
+    ``"flat"`` or None). ``kernel``: the surrogate's kernel, ``"input"`` (the default's: a pretrained
+    mean and hyperparameters) or ``"deep"`` (DyHPO/FMS's: a pretrained feature extractor); a study
+    started from the prior uses it. ``use_learning_curve`` None: the curve branch for ``"deep"``
+    only. ``options``: fields of :class:`optuna_fms.engine.prior.PretrainSettings`
     (``steps``, ``batch_size``, ``learning_rate``, ``unknown_dropout``, ``weight_steps``,
     ``weight_graphs``, ``ordered_choices``...). Returns the file's JSON description.
     """
@@ -80,7 +84,7 @@ def pretrain_surrogate(
         names.append(name)
         histories.append(history)
     prior = pretrain(histories, names, weights=weights, settings=settings, seed=seed, device=device,
-                     use_curve=use_learning_curve)
+                     use_curve=use_learning_curve, kernel=kernel)
     save_prior(prior, Path(path))
     return prior.description
 

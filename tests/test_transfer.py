@@ -34,11 +34,21 @@ def _task(space: SearchSpace, n: int, seed: int, shift: float = 0.0) -> History:
     return History(space, records, max_steps=8)
 
 
+def _pretrain_file(tmp_path_factory, kernel: str):
+    prior = pretrain([_task(SPACE_A, 40, 0), _task(SPACE_A, 40, 1, shift=0.3)], ["a", "b"], weights=None,
+                     settings=PretrainSettings(steps=150), kernel=kernel)
+    return save_prior(prior, tmp_path_factory.mktemp("prior") / f"{kernel}.safetensors")
+
+
 @pytest.fixture(scope="module")
 def prior_file(tmp_path_factory):
-    prior = pretrain([_task(SPACE_A, 40, 0), _task(SPACE_A, 40, 1, shift=0.3)], ["a", "b"], weights=None,
-                     settings=PretrainSettings(steps=150))
-    return save_prior(prior, tmp_path_factory.mktemp("prior") / "p.safetensors")
+    """A prior for the default's kernel."""
+    return _pretrain_file(tmp_path_factory, "input")
+
+
+@pytest.fixture(scope="module")
+def deep_prior_file(tmp_path_factory):
+    return _pretrain_file(tmp_path_factory, "deep")
 
 
 # --- the rule ----------------------------------------------------------------------------------
@@ -87,10 +97,13 @@ def test_a_narrower_numeric_range_is_reencoded_on_the_slot_scale() -> None:
 # --- pretraining and the warm start ------------------------------------------------------------
 
 
-def test_a_prior_carries_what_its_sources_taught_into_another_space(prior_file) -> None:
+@pytest.mark.parametrize("kernel", ["input", "deep"])
+def test_a_prior_carries_what_its_sources_taught_into_another_space(prior_file, deep_prior_file, kernel) -> None:
     """Pretrained on space A (lr, wd), the surrogate ranks configurations of space B (another lr
-    range, a new parameter) from 6 observations better than a surrogate fitted on them alone."""
-    prior = load_prior(prior_file)
+    range, a new parameter) from 6 observations better than a surrogate of the same kernel
+    fitted on them alone."""
+    prior = load_prior(prior_file if kernel == "input" else deep_prior_file)
+    assert prior.kernel == kernel
     m = prior.layout.input_map(SPACE_B)
     assert m.matched == ("lr",) and m.unknown == ("wd",) and m.extra == ("mom",)
     target, test = _task(SPACE_B, 6, 5, shift=0.1), _task(SPACE_B, 60, 6, shift=0.1)
@@ -99,17 +112,69 @@ def test_a_prior_carries_what_its_sources_taught_into_another_space(prior_file) 
     test_y = test.standardize([v for lin in test.lineages for v in lin.values])
     scores = {}
     for name, p in (("none", None), ("prior", prior)):
-        s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=100), prior=p,
-                                space=SPACE_B if p is not None else None)
+        s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=100), prior=p, kernel=kernel,
+                        space=SPACE_B if p is not None else None)
         s.fit(rows, y, keep=keep)
+        assert s.kernel == kernel
         mean, _ = s.predict(test_rows)
         scores[name] = float(np.corrcoef(mean, test_y)[0, 1])
     assert scores["prior"] > scores["none"] + 0.1, scores
     assert scores["prior"] > 0.8, scores
 
 
-def test_the_unknown_input_is_learned_and_the_new_parameter_starts_neutral(prior_file) -> None:
+def test_the_default_kernels_prior_is_a_frozen_mean_fitted_to_the_study(prior_file) -> None:
+    """Input kernel: the prior's mean network is copied and frozen; its offset and scale start at
+    the least-squares fit to the new study's values; the new parameter is not read by the mean;
+    the slots' lengthscales are the prior's, the new parameter's the fresh default."""
+    from optuna_fms.engine import Candidate
+
     prior = load_prior(prior_file)
+    assert prior.tensors["extractor.unknown"].abs().max() > 1e-3  # moved from its zero start
+    target = _task(SPACE_B, 6, 5, shift=0.1)
+    rows, y, keep = target.training_rows()
+    s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=0), prior=prior, space=SPACE_B)
+    s.fit(rows, y, keep=keep)
+    model = s._model
+    mean = model.mean_module
+    assert torch.equal(mean.net[0].weight, prior.tensors["mean.net.0.weight"].to(mean.net[0].weight))
+    assert not any(p.requires_grad for p in mean.net.parameters())
+    assert mean.constant.requires_grad and mean.scale.requires_grad
+    with torch.no_grad():
+        z = model.extractor(model.train_inputs[0])
+        f = mean.net(z[:, mean.columns]).squeeze(-1)
+        residual = model.train_targets - mean(z)
+    assert float(mean.scale.detach()) > 0 and abs(float(residual.mean())) < 1e-9  # least squares: centred residual
+    assert abs(float(((f - f.mean()) * residual).sum())) < 1e-6  # ... and orthogonal to the prior's output
+    ls = model.covar_module.base_kernel.lengthscale.detach().reshape(-1)
+    width = prior.layout.width  # [lr, wd] slots, then mom (its own input), then the budget
+    assert torch.allclose(ls[:width], prior.tensors["gp.lengthscale"].reshape(-1)[:width].to(ls))
+    assert torch.allclose(ls[-1], prior.tensors["gp.lengthscale"].reshape(-1)[width].to(ls))
+    assert abs(float(ls[width]) - math.log(2)) < 1e-6  # gpytorch's fresh lengthscale, softplus(0)
+    a = dict(target.lineages[0].config, mom=0.0)
+    b = dict(target.lineages[0].config, mom=1.0)
+    za, zb = (model.extractor(torch.as_tensor(s._pack(target.candidate_rows([Candidate(c, 0)])))) for c in (a, b))
+    assert not torch.equal(za, zb) and torch.equal(mean(za), mean(zb))
+
+
+def test_a_prior_without_weights_serves_a_surrogate_with_them(prior_file) -> None:
+    """The prior's mean reads the slots and the budget only; the fresh weight encoder's embedding
+    goes to the kernel alone, with fresh lengthscales."""
+    prior = load_prior(prior_file)
+    s = GPSurrogate(SPACE_B.width, "flat", settings=FitSettings(full_steps=3, weight_steps=2), prior=prior,
+                    space=SPACE_B)
+    rows, y, keep = _task(SPACE_B, 6, 5).training_rows()
+    s.fit(rows, y, keep=keep)
+    model = s._model
+    width = prior.layout.input_map(SPACE_B).width
+    assert model.mean_module.columns.tolist() == [0, 1, width]  # the lr and wd slots, the budget
+    assert model.extractor.dim == width + 1 + model.extractor.weights.dim
+    mean, std = s.predict(rows)
+    assert np.all(np.isfinite(mean)) and np.all(std > 0)
+
+
+def test_the_unknown_input_is_learned_and_the_new_parameter_starts_neutral(deep_prior_file) -> None:
+    """Deep kernel: the new parameter gets zero weight in the config MLP."""
+    prior = load_prior(deep_prior_file)
     assert prior.tensors["extractor.unknown"].abs().max() > 1e-3  # moved from its zero start
     s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=0), prior=prior, space=SPACE_B)
     target = _task(SPACE_B, 6, 5)
@@ -140,7 +205,7 @@ def test_the_file_is_safetensors_with_a_json_description(prior_file) -> None:
     with safe_open(str(prior_file), framework="pt") as fh:
         description = json.loads(fh.metadata()[HEADER_KEY])
         names = set(fh.keys())
-    assert description["format"] == "optuna-fms-prior/1"
+    assert description["format"] == "optuna-fms-prior/2" and description["kernel"] == "input"
     assert [s["name"] for s in description["input"]["slots"]] == ["lr", "wd"]
     assert [s["name"] for s in description["trained_on"]] == ["a", "b"]
     assert set(description["tensors"]) == names and "torch" in description["versions"]
@@ -191,9 +256,29 @@ def test_a_wrong_or_corrupt_prior_file_gets_a_clear_error(prior_file, tmp_path, 
         optuna_fms.FMSSampler(prior=bad)
 
 
-def test_an_incompatible_prior_is_refused_by_the_sampler(prior_file) -> None:
+def test_a_format_1_prior_is_read_as_the_deep_kernel_it_was(deep_prior_file, tmp_path) -> None:
+    old = tmp_path / "old.safetensors"
+
+    def as_format_1(meta, tensors):
+        d = json.loads(meta[HEADER_KEY])
+        d["format"] = "optuna-fms-prior/1"
+        del d["kernel"]
+        return {HEADER_KEY: json.dumps(d)}, tensors
+
+    _rewrite_header(deep_prior_file, old, as_format_1)
+    prior = load_prior(old)
+    assert prior.kernel == "deep"
+    s = GPSurrogate(SPACE_B.width, None, settings=FitSettings(full_steps=5), prior=prior, space=SPACE_B)
+    rows, y, keep = _task(SPACE_B, 6, 5).training_rows()
+    s.fit(rows, y, keep=keep)
+    assert s.kernel == "deep" and s.ready
+
+
+def test_an_incompatible_prior_is_refused_by_the_sampler(prior_file, deep_prior_file) -> None:
     with pytest.raises(optuna_fms.PriorError, match="without the learning curve branch|with the learning curve"):
-        optuna_fms.FMSSampler(prior=prior_file, use_learning_curve=False)
+        optuna_fms.FMSSampler(prior=deep_prior_file, use_learning_curve=False)
+    with pytest.raises(optuna_fms.PriorError, match="trained without the learning curve branch"):
+        optuna_fms.FMSSampler(prior=prior_file, use_learning_curve=True)
     with pytest.raises(TypeError, match="prior must be a path"):
         optuna_fms.FMSSampler(prior=3)
     with pytest.raises(TypeError, match="Unknown pretraining options"):
@@ -263,9 +348,11 @@ def test_without_a_prior_a_seeded_study_decides_as_before(monkeypatch) -> None:
     assert run() == reference
 
 
-def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly() -> None:
+@pytest.mark.parametrize("kernel", ["input", "deep"])
+def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly(kernel) -> None:
     """weights=None from a metanetwork prior: the head absorbs the learned "no weights" embedding,
-    so it predicts what the full prior predicts for rows without weights."""
+    so it predicts what the full prior predicts for rows without weights (the input kernel's
+    mean reads that embedding as a fixed input)."""
     from optuna_fms.graphs.build import build_graph
 
     graphs = {name: build_graph(state, ARCH) for name, state in digits_task().pretrained.items()}
@@ -279,7 +366,7 @@ def test_a_prior_with_weights_serves_a_surrogate_without_them_exactly() -> None:
     # NOTE: "weak" rows start from no weights, so the prior learns its "no weights" embedding
     source = History(space, records, max_steps=4, graphs=graphs,
                      initial_weights=lambda c: "good" if c["model"] == "good" else None)
-    prior = pretrain([source], weights="gmn", settings=PretrainSettings(steps=20, weight_graphs=2))
+    prior = pretrain([source], weights="gmn", settings=PretrainSettings(steps=20, weight_graphs=2), kernel=kernel)
     assert prior.weights == "gmn" and prior.tensors["extractor.weights.missing"].abs().max() > 1e-3
     plain = History(space, records, max_steps=4)  # the same rows, no weights anywhere
     rows, y, keep = plain.training_rows()

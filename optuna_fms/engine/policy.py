@@ -29,14 +29,14 @@ class PolicySettings:
     pool_size: int = 256
     n_local: int = 64
     # The surrogate's kernel (engine.surrogate.KERNELS): "input" (default), a Matern-5/2 kernel
-    # on the configuration, budget and weight embedding; "deep", DyHPO/FMS's deep kernel (the one
-    # a prior brings). NOTE: on 40 paired seeds per design hub without weights, "input" left no seed
+    # on the configuration, budget and weight embedding; "deep", DyHPO/FMS's deep kernel. A prior
+    # brings its own and overrides this. NOTE: on 40 paired seeds per design hub without weights, "input" left no seed
     # stuck on arch (9 of 40 with "deep") and had lower regret at 25 / 50 / 100 % (pooled z -1.9 /
     # -2.4 / -2.7), at a cost on arch at 10 % (+0.042, 2.1 s.e.): bench/results/probes/kernel/.
     kernel: str = "input"
     # NOTE: the curve branch's features as more inputs; with the input kernel they added nothing
     # (pooled z +2.2 at 10 % and +2.1 at 100 %, worse), so they are off unless asked for. None:
-    # as the prior was trained (its deep kernel has the branch or not), else off.
+    # as the prior was trained (with the branch or not), else off.
     use_curve: bool | None = None
     # NOTE: "next" (default) is DyHPO/FMS as published: EI one step ahead, over the best value seen
     # at that budget. "final" scores every candidate by the EI of its forecast value at the

@@ -1,8 +1,15 @@
 """A surrogate pretrained on finished work: train it on many histories, save, load, warm-start.
 
-What transfers is the surrogate's *parameters*: the feature extractor (config MLP with its learned
-"unknown" input, curve branch, weight encoder with the graph metanetwork, mixing head) and the GP's
-hyperparameters. No source row enters the new study's GP.
+What transfers is the surrogate's *parameters*, for either kernel (engine/surrogate.py):
+
+* ``kernel="input"`` (the default's): a mean function (engine/mean.py: an MLP on the inputs, frozen
+  in the new study, which learns only its offset and scale), the learned "unknown" input, the
+  weight encoder with the graph metanetwork, and the kernel's hyperparameters (one lengthscale per
+  input the prior knows);
+* ``kernel="deep"``: the feature extractor (config MLP with its learned "unknown" input, curve
+  branch, weight encoder, mixing head) and the GP's hyperparameters.
+
+No source row enters the new study's GP.
 
 NOTE: parameters only, as FSBO (Wistuba & Grabocka 2021) meta-learns a deep kernel. Source rows
 as GP observations would assert that the new task takes the old tasks' values wherever the features
@@ -40,10 +47,13 @@ from optuna_fms.engine.layout import UNKNOWN, InputLayout, InputMap
 if TYPE_CHECKING:
     import torch
 
-    from optuna_fms.engine.surrogate import _ExactGP
+    from optuna_fms.engine.mean import PriorMean
+    from optuna_fms.engine.surrogate import InputFeatures, _ExactGP
     from optuna_fms.graphs.schema import ParameterGraph
 
-FORMAT = "optuna-fms-prior/1"
+FORMAT = "optuna-fms-prior/2"
+# NOTE: format 1 held only deep-kernel priors and said so nowhere; it is read as one.
+_READABLE = {"optuna-fms-prior/1": "deep", FORMAT: None}
 HEADER_KEY = "optuna_fms.prior"
 _GP = ("gp.mean", "gp.outputscale", "gp.lengthscale", "gp.noise")
 _logger = logging.getLogger(__name__)
@@ -67,6 +77,7 @@ class PretrainSettings:
     refresh_every: int = 25  # cached embeddings of the other graphs are recomputed this often
     ordered_choices: bool = False  # categoricals of numbers also encode their rank
     noise_floor: float = 1e-4
+    mean_hidden: int = 32  # width of the prior mean's two hidden layers (kernel="input")
 
 
 @dataclass
@@ -78,6 +89,12 @@ class Prior:
 
     def __post_init__(self) -> None:
         self.layout = InputLayout.from_json(self.description["input"]["slots"])
+        if self.kernel not in ("input", "deep"):
+            raise ValueError(f"unknown kernel {self.kernel!r}")
+
+    @property
+    def kernel(self) -> str:
+        return str(self.description.get("kernel", "deep"))
 
     @property
     def weights(self) -> str | None:
@@ -105,8 +122,72 @@ class Prior:
         if curve_length is not None and curve_length != d["curve_length"]:
             raise PriorError(f"The prior reads curves of {d['curve_length']} steps, this surrogate {curve_length}.")
 
+    def new_mean(self, extractor: InputFeatures, input_map: InputMap) -> PriorMean:
+        """The pretrained mean for a surrogate whose inputs are ``extractor``'s over ``input_map``
+        (parameters set by :meth:`warm_start`): it reads the columns the prior was trained on, and
+        the prior's "no weights" embedding where this surrogate reads no weights."""
+        from optuna_fms.engine.mean import PriorMean
+
+        slots, width = input_map.slot_width, input_map.width
+        columns = list(range(slots)) + list(range(width, width + 1 + self._curve_width(extractor)))
+        fixed = None
+        if self.weights is not None:
+            if extractor.weights is not None:
+                start = width + 1 + self._curve_width(extractor)
+                columns += list(range(start, start + extractor.weights.dim))
+            else:
+                fixed = self.tensors["extractor.weights.missing"]
+        return PriorMean(columns, hidden=self.network["mean_hidden"], fixed=fixed)
+
+    @staticmethod
+    def _curve_width(extractor: InputFeatures) -> int:
+        return extractor.curve_net[0].out_channels if extractor.curve_net is not None else 0
+
     def warm_start(self, model: _ExactGP, input_map: InputMap) -> None:
         """Copy the prior into a freshly built ``model`` whose inputs follow ``input_map``."""
+        if self.kernel == "input":
+            self._warm_start_input(model, input_map)
+        else:
+            self._warm_start_deep(model, input_map)
+
+    def _warm_start_input(self, model: _ExactGP, input_map: InputMap) -> None:
+        import torch
+
+        ex, mean = model.extractor, model.mean_module
+        slots, width = input_map.slot_width, input_map.width
+        tensors = self.tensors
+        with torch.no_grad():
+            ex.unknown[:slots] = tensors["extractor.unknown"].to(ex.unknown)[:slots]
+            for name, target in ex.state_dict().items():
+                if name.startswith(("curve_net.", "weights.")) and f"extractor.{name}" in tensors:
+                    target.copy_(tensors[f"extractor.{name}"])
+            for name, target in mean.net.state_dict().items():
+                target.copy_(tensors[f"mean.net.{name}"])
+            mean.constant.copy_(tensors["gp.mean"].reshape(()))
+            mean.scale.copy_(tensors["mean.scale"].reshape(()))
+            # NOTE: the prior's lengthscales are [slots, budget, curve, weights]; this surrogate's
+            # inputs put its own parameters after the slots. Those, and a weight embedding the
+            # prior lacks, keep the fresh default.
+            prior_ls = tensors["gp.lengthscale"].reshape(-1)
+            base = model.covar_module.base_kernel
+            ls = base.lengthscale.detach().clone().reshape(-1)
+            ls[:slots] = prior_ls[:slots].to(ls)
+            tail = 1 + self._curve_width(ex)
+            ls[width:width + tail] = prior_ls[slots:slots + tail].to(ls)
+            if self.weights is not None and ex.weights is not None:
+                ls[width + tail:] = prior_ls[slots + tail:].to(ls)
+            base.lengthscale = ls.reshape(base.lengthscale.shape)
+            self._copy_scales(model)
+        mean.freeze()
+
+    def _copy_scales(self, model: _ExactGP) -> None:
+        """The GP's output scale and noise (above this surrogate's noise floor)."""
+        floor = float(model.likelihood.noise_covar.raw_noise_constraint.lower_bound)
+        model.covar_module.outputscale = self.tensors["gp.outputscale"].to(model.covar_module.outputscale)
+        noise = self.tensors["gp.noise"].to(model.likelihood.noise).clamp_min(floor * (1 + 1e-6) + 1e-12)
+        model.likelihood.noise = noise
+
+    def _warm_start_deep(self, model: _ExactGP, input_map: InputMap) -> None:
         import torch
 
         ex = model.extractor
@@ -138,13 +219,10 @@ class Prior:
                     target.copy_(source)
             if "head.0.weight" in state and state["head.0.weight"].shape == own["head.0.weight"].shape:
                 own["head.0.bias"].copy_(state["head.0.bias"])
-            floor = float(model.likelihood.noise_covar.raw_noise_constraint.lower_bound)
             model.mean_module.constant = self.tensors["gp.mean"].to(model.mean_module.constant)
-            model.covar_module.outputscale = self.tensors["gp.outputscale"].to(model.covar_module.outputscale)
             model.covar_module.base_kernel.lengthscale = self.tensors["gp.lengthscale"].to(
                 model.covar_module.base_kernel.lengthscale)
-            noise = self.tensors["gp.noise"].to(model.likelihood.noise).clamp_min(floor * (1 + 1e-6) + 1e-12)
-            model.likelihood.noise = noise
+            self._copy_scales(model)
 
     def _fit_head(self, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                   input_map: InputMap) -> None:
@@ -202,9 +280,11 @@ def load_prior(path: str | os.PathLike[str]) -> Prior:
         description = json.loads(header[HEADER_KEY])
     except ValueError as err:
         raise PriorError(f"{path}: the prior's description is not valid JSON ({err}).") from err
-    if description.get("format") != FORMAT:
+    if description.get("format") not in _READABLE:
         raise PriorError(f"{path} is a prior of format {description.get('format')!r}; this optuna-fms reads "
-                         f"{FORMAT!r}. Build it again with optuna_fms.pretrain_surrogate.")
+                         f"{sorted(_READABLE)}. Build it again with optuna_fms.pretrain_surrogate.")
+    if _READABLE[description["format"]] is not None:
+        description["kernel"] = _READABLE[description["format"]]
     listed = description.get("tensors", {})
     if set(listed) != set(tensors):
         raise PriorError(f"{path}: the description lists tensors {sorted(set(listed) ^ set(tensors))} "
@@ -215,7 +295,9 @@ def load_prior(path: str | os.PathLike[str]) -> Prior:
                              f"the description says {spec['shape']}.")
     if _digest(tensors) != description.get("sha256"):
         raise PriorError(f"{path}: the tensors do not match the SHA-256 in the description (the file is corrupt).")
-    missing = [k for k in ("extractor.config_net.0.weight", "extractor.head.0.weight", *_GP) if k not in tensors]
+    needed = (("mean.net.0.weight", "mean.scale", "extractor.unknown") if description.get("kernel") == "input"
+              else ("extractor.config_net.0.weight", "extractor.head.0.weight"))
+    missing = [k for k in (*needed, *_GP) if k not in tensors]
     if missing:
         raise PriorError(f"{path}: the prior lacks the tensors {missing}.")
     try:
@@ -248,14 +330,24 @@ def pretrain(
     settings: PretrainSettings | None = None,
     seed: int = 0,
     device: str | None = None,
-    use_curve: bool = True,
+    use_curve: bool | None = None,
+    kernel: str = "input",
 ) -> Prior:
-    """Train one surrogate on every history (FSBO-style: one source per step); see the module doc."""
+    """Train one surrogate on every history (FSBO-style: one source per step); see the module doc.
+
+    ``kernel``: the surrogate kernel the prior is for (engine/surrogate.py's ``KERNELS``); a study
+    started from the prior uses it. ``use_curve`` None: the kernel's default (the curve branch for
+    the deep kernel only)."""
     import gpytorch
     import torch
 
     from optuna_fms.engine.device import resolve_device
-    from optuna_fms.engine.surrogate import FeatureExtractor, _ExactGP, _one_thread, pack
+    from optuna_fms.engine.mean import PriorMean
+    from optuna_fms.engine.surrogate import KERNELS, FeatureExtractor, InputFeatures, _ExactGP, _one_thread, pack
+
+    if kernel not in KERNELS:
+        raise ValueError(f"Unknown kernel {kernel!r}; use one of {KERNELS}.")
+    use_curve = (kernel == "deep") if use_curve is None else use_curve
 
     settings = settings or PretrainSettings()
     names = list(names) if names is not None else [f"history {i}" for i in range(len(histories))]
@@ -287,12 +379,20 @@ def pretrain(
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
-        extractor = FeatureExtractor(layout.width, weights if reads_weights else None, use_curve=use_curve,
-                                     curve_length=curve_length, max_graphs=settings.weight_graphs, unknown=True)
+        extractor: FeatureExtractor | InputFeatures
+        mean = None
+        encoder_kind = weights if reads_weights else None
+        if kernel == "deep":
+            extractor = FeatureExtractor(layout.width, encoder_kind, use_curve=use_curve, curve_length=curve_length,
+                                         max_graphs=settings.weight_graphs, unknown=True)
+        else:
+            extractor = InputFeatures(layout.width, encoder_kind, use_curve=use_curve, curve_length=curve_length,
+                                      max_graphs=settings.weight_graphs, unknown=True)
+            mean = PriorMean(range(extractor.dim), hidden=settings.mean_hidden)
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(settings.noise_floor))
         x0, y0 = sources[0]
-        model = _ExactGP(x0[:2], y0[:2], likelihood, extractor).to(device=dev, dtype=torch.float64)
+        model = _ExactGP(x0[:2], y0[:2], likelihood, extractor, mean).to(device=dev, dtype=torch.float64)
         encoder = extractor.weights
         if encoder is not None:
             encoder.net.float()
@@ -325,6 +425,9 @@ def pretrain(
             encoder.trainable = False
             encoder.reset_cache()
     tensors = {f"extractor.{k}": v.detach().cpu().clone() for k, v in extractor.state_dict().items()}
+    if mean is not None:
+        tensors |= {f"mean.net.{k}": v.detach().cpu().clone() for k, v in mean.net.state_dict().items()}
+        tensors["mean.scale"] = mean.scale.detach().cpu().clone().reshape(-1)
     tensors |= {
         "gp.mean": model.mean_module.constant.detach().cpu().clone().reshape(-1),
         "gp.outputscale": model.covar_module.outputscale.detach().cpu().clone().reshape(-1),
@@ -343,11 +446,13 @@ def pretrain(
             "budget": "(step + 1) / the source's run length",
             "values": "oriented so higher is better, standardized per source",
         },
+        "kernel": kernel,
         "weights": weights if reads_weights else None,
         "use_curve": use_curve,
         "curve_length": curve_length,
-        "network": {"hidden": extractor.config_net[0].out_features, "out": extractor.head[0].out_features,
-                    "curve_channels": extractor.curve_net[0].out_channels},
+        "network": ({"hidden": extractor.config_net[0].out_features, "out": extractor.head[0].out_features,
+                     "curve_channels": extractor.curve_net[0].out_channels} if isinstance(extractor, FeatureExtractor)
+                    else {"mean_hidden": settings.mean_hidden}),
         "trained_on": described,
         "training": asdict(settings) | {"seed": seed, "seconds": round(time.perf_counter() - t0, 1),
                                         "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:]),

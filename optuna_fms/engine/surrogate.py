@@ -2,8 +2,9 @@
 
 Two kernels. The default reads the configuration encoding and the budget as they are, with one
 Matern-5/2 lengthscale per input, plus the learned weight embedding (and curve features) as more
-inputs. The deep kernel of DyHPO/FMS maps everything through a learned feature extractor first;
-it is the network a pretrained prior (engine/prior.py) carries, and the one a prior's surrogate uses.
+inputs. The deep kernel of DyHPO/FMS maps everything through a learned feature extractor first.
+A pretrained prior (engine/prior.py) carries one of the two, and a surrogate started from it uses
+that one; the default kernel's prior adds a pretrained mean (engine/mean.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from optuna_fms.engine.device import resolve_device
 from optuna_fms.engine.history import Rows
+from optuna_fms.engine.mean import PriorMean
 from optuna_fms.engine.weights import WeightEncoder
 from optuna_fms.graphs.schema import ParameterGraph
 
@@ -112,7 +114,9 @@ class InputFeatures(torch.nn.Module):
         use_curve: bool = False,
         curve_length: int = 16,
         max_graphs: int = 16,
+        unknown: bool = False,
     ) -> None:
+        """``unknown``: as :class:`FeatureExtractor`'s (a prior's slot no parameter fills)."""
         super().__init__()
         self.config_dim = config_dim
         self.curve_length = curve_length
@@ -120,11 +124,14 @@ class InputFeatures(torch.nn.Module):
         self.curve_net = CurveBranch(curve_channels) if use_curve else None
         self.dim = (config_dim + 1 + (curve_channels if use_curve else 0)
                     + (self.weights.dim if self.weights is not None else 0))
+        self.unknown = torch.nn.Parameter(torch.zeros(config_dim)) if unknown else None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         length = self.curve_length
-        inputs, curve, mask, graph = torch.split(packed, [self.config_dim + 1, length, length, 1], dim=-1)
-        parts = [inputs]
+        x, budget, curve, mask, graph = torch.split(packed, [self.config_dim, 1, length, length, 1], dim=-1)
+        if self.unknown is not None:
+            x = torch.where(x < -0.5, self.unknown.expand_as(x), x)  # -0.5: below any encoded value
+        parts = [x, budget]
         if self.curve_net is not None:
             parts.append(self.curve_net.read(curve, mask))
         if self.weights is not None:
@@ -175,7 +182,7 @@ class GPSurrogate:
 
     ``kernel="input"`` (default): a Matern-5/2 kernel with one lengthscale per input on
     :class:`InputFeatures`. ``"deep"``: DyHPO/FMS's deep kernel, an RBF kernel on the learned
-    :class:`FeatureExtractor`; a surrogate with a ``prior`` always uses it (the prior is one).
+    :class:`FeatureExtractor`. A surrogate with a ``prior`` uses the prior's kernel.
     """
 
     def __init__(
@@ -193,13 +200,13 @@ class GPSurrogate:
         space: SearchSpace | None = None,
     ) -> None:
         """``prior`` (with the ``space`` the rows encode): every fit from scratch starts from the
-        pretrained parameters instead of a random initialization (engine/prior.py), with its deep
-        kernel. ``use_curve`` None: as the prior was trained, else no curve branch."""
+        pretrained parameters instead of a random initialization (engine/prior.py), with the
+        prior's kernel. ``use_curve`` None: as the prior was trained, else no curve branch."""
         if kernel not in KERNELS:
             raise ValueError(f"Unknown kernel {kernel!r}; use one of {KERNELS}.")
         self.config_dim = config_dim
         self.weights = weights
-        self.kernel = "deep" if prior is not None else kernel
+        self.kernel = prior.kernel if prior is not None else kernel
         self.curve_length = curve_length
         self.use_curve = bool(prior.description["use_curve"] if use_curve is None and prior is not None else use_curve)
         self.settings = settings or FitSettings()
@@ -317,11 +324,19 @@ class GPSurrogate:
 
     def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactGP:
         extractor: FeatureExtractor | InputFeatures
+        mean = None
         if self.prior is not None and self._input_map is not None:
-            extractor = FeatureExtractor(
-                self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-                max_graphs=self.settings.weight_graphs, unknown=True, **self.prior.network,
-            )
+            if self.kernel == "deep":
+                extractor = FeatureExtractor(
+                    self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+                    max_graphs=self.settings.weight_graphs, unknown=True, **self.prior.network,
+                )
+            else:
+                extractor = InputFeatures(
+                    self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
+                    max_graphs=self.settings.weight_graphs, unknown=True,
+                )
+                mean = self.prior.new_mean(extractor, self._input_map)
         elif self.kernel == "deep":
             extractor = FeatureExtractor(
                 self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
@@ -335,12 +350,15 @@ class GPSurrogate:
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
-        model = _ExactGP(inputs, y, likelihood, extractor).to(device=self.device, dtype=self.dtype)
+        model = _ExactGP(inputs, y, likelihood, extractor, mean).to(device=self.device, dtype=self.dtype)
         if self.prior is not None and self._input_map is not None:
             self.prior.warm_start(model, self._input_map)
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)
+        if isinstance(mean, PriorMean):
+            with torch.no_grad():
+                mean.fit_affine(extractor(inputs), y)
         return model
 
     def _train(self, steps: int) -> None:
@@ -395,8 +413,8 @@ def subsample_rows(n: int, cap: int, keep: np.ndarray | None, *, seed: int) -> n
 
 
 class _ExactGP(gpytorch.models.ExactGP):
-    """A constant mean and a scaled kernel on the features: RBF on the deep kernel's learned
-    features, Matern-5/2 with one lengthscale per input on :class:`InputFeatures`."""
+    """A constant (or a prior's) mean and a scaled kernel on the features: RBF on the deep
+    kernel's learned features, Matern-5/2 with one lengthscale per input on :class:`InputFeatures`."""
 
     def __init__(
         self,
@@ -404,10 +422,12 @@ class _ExactGP(gpytorch.models.ExactGP):
         targets: torch.Tensor,
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
         extractor: FeatureExtractor | InputFeatures,
+        mean: gpytorch.means.Mean | None = None,
     ) -> None:
+        """``mean``: a prior's pretrained mean (engine/mean.py); else a constant."""
         super().__init__(inputs, targets, likelihood)
         self.extractor = extractor
-        self.mean_module = gpytorch.means.ConstantMean()
+        self.mean_module = mean if mean is not None else gpytorch.means.ConstantMean()
         base = (gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=extractor.dim)
                 if isinstance(extractor, InputFeatures) else gpytorch.kernels.RBFKernel())
         self.covar_module = gpytorch.kernels.ScaleKernel(base)
