@@ -12,8 +12,12 @@ Two priors are trained: with the graph metanetwork (``prior-gmn.safetensors``) a
 
 * ``default``: FMSSampler() + FMSPruner(max_steps), no prior;
 * ``default+prior``: the same with ``prior=prior-gmn``;
-* ``dyhpo``: weights=None, no prior;
-* ``dyhpo+prior``: weights=None with ``prior=prior-none`` (what transfers without the weights).
+* ``dyhpo-mk``: weights=None, no prior (bench/methods.py's name for it);
+* ``dyhpo-mk+prior``: weights=None with ``prior=prior-none`` (what transfers without the weights).
+
+The priors are for the default's kernel; ``--kernel deep`` trains deep-kernel priors instead (a study
+started from one uses the deep kernel), the kind that ``results/transfer/no-weights/`` measured against
+the deep-kernel ``dyhpo`` before 2026-12-08.
 
 Writes ``bench/results/transfer/<held-out>/``: ``runs/*.json`` (one replay each), ``summary.json``,
 ``regret.png``, ``RESULTS.md`` (:mod:`bench.report`), and ``transfer.json`` (the priors' descriptions,
@@ -38,7 +42,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transfer"
 DROPPED = ("model",)
-ARMS = ("default", "default+prior", "dyhpo", "dyhpo+prior")
+ARMS = ("default", "default+prior", "dyhpo-mk", "dyhpo-mk+prior")
 
 
 class HubGraphs(Mapping[str, Any]):
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="sources whose checkpoints are read (built on demand); the rest give curves only")
     ap.add_argument("--configs", type=int, default=48, help="configurations drawn from each source hub")
     ap.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    ap.add_argument("--kernel", default="input", choices=("input", "deep"), help="the priors' surrogate kernel")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--budget", type=int, default=None, help="epochs per search (default: 10 full runs)")
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         path = out / f"prior-{kind or 'none'}.safetensors"
         t1 = time.perf_counter()
-        prior = pretrain(histories, names, weights=kind, settings=PretrainSettings(steps=args.steps))
+        prior = pretrain(histories, names, weights=kind, settings=PretrainSettings(steps=args.steps),
+                         kernel=args.kernel)
         save_prior(prior, path)
         priors[kind or "none"] = path
         info["priors"][kind or "none"] = {"path": path.name, "bytes": path.stat().st_size,

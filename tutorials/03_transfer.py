@@ -2,8 +2,9 @@
 
 A finished study knows more than its best trial: its surrogate has learned which learning rates
 work, what a promising learning curve looks like after two epochs, and which checkpointed weights
-fine-tune well. ``optuna_fms.pretrain_surrogate`` trains the whole surrogate (feature extractor,
-graph metanetwork, GP hyperparameters) on finished studies and writes it to one safetensors file;
+fine-tune well. ``optuna_fms.pretrain_surrogate`` trains the whole surrogate (a mean function of the
+configuration, budget and weights, the graph metanetwork, the GP's hyperparameters) on finished
+studies and writes it to one safetensors file;
 ``FMSSampler(prior=path)`` starts every fit of a new study from it, and keeps learning from the
 new study's own trials.
 
@@ -12,7 +13,7 @@ new study's own trials.
 3. A second study, on a related task (digits 5-9), starts from the prior. Its search space is a
    little different, as it often is in practice: it adds ``weight_decay``. The parameters the two
    share (``model``, ``lr``, ``momentum``) are matched by name and distribution; ``weight_decay``
-   gets inputs of its own that start neutral; the curve, budget and weight branches carry over.
+   gets inputs of its own that the prior's mean does not read; the budget and weight inputs carry over.
 
 Run it::
 
