@@ -30,9 +30,10 @@ class PolicySettings:
     n_local: int = 64
     # The surrogate's kernel (engine.surrogate.KERNELS): "input" (default), a Matern-5/2 kernel
     # on the configuration, budget and weight embedding; "deep", DyHPO/FMS's deep kernel. A prior
-    # brings its own and overrides this. NOTE: on 40 paired seeds per design hub without weights, "input" left no seed
-    # stuck on arch (9 of 40 with "deep") and had lower regret at 25 / 50 / 100 % (pooled z -1.9 /
-    # -2.4 / -2.7), at a cost on arch at 10 % (+0.042, 2.1 s.e.): bench/results/probes/kernel/.
+    # brings its own and overrides this. NOTE: on 40 paired seeds per design hub without weights,
+    # "input" left no seed stuck on arch (9 of 40 with "deep") and had lower regret at 25 / 50 /
+    # 100 % (pooled z -1.9 / -2.4 / -2.7), at a cost on arch at 10 % (+0.042, 2.1 s.e.):
+    # bench/results/probes/kernel/.
     kernel: str = "input"
     # NOTE: the curve branch's features as more inputs; with the input kernel they added nothing
     # (pooled z +2.2 at 10 % and +2.1 at 100 %, worse), so they are off unless asked for. None:
