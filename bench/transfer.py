@@ -13,7 +13,9 @@ Two priors are trained: with the graph metanetwork (``prior-gmn.safetensors``) a
 * ``default``: FMSSampler() + FMSPruner(max_steps), no prior;
 * ``default+prior``: the same with ``prior=prior-gmn``;
 * ``dyhpo-mk``: weights=None, no prior (bench/methods.py's name for it);
-* ``dyhpo-mk+prior``: weights=None with ``prior=prior-none`` (what transfers without the weights).
+* ``dyhpo-mk+prior``: weights=None with ``prior=prior-none`` (what transfers without the weights);
+* ``-s8`` after a prior arm: with the 8 random start-up configurations of a study without a prior
+  (the default with a prior starts 2).
 
 The priors are for the default's kernel; ``--kernel deep`` trains deep-kernel priors instead (a study
 started from one uses the deep kernel), the kind that ``results/transfer/no-weights/`` measured against
@@ -42,7 +44,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transfer"
 DROPPED = ("model",)
-ARMS = ("default", "default+prior", "dyhpo-mk", "dyhpo-mk+prior")
+ARMS = ("default", "default+prior", "dyhpo-mk", "dyhpo-mk+prior", "default+prior-s8", "dyhpo-mk+prior-s8")
 
 
 class HubGraphs(Mapping[str, Any]):
@@ -138,12 +140,13 @@ def _register(arm: str, prior: Path | None) -> None:
     from bench import methods as methods_mod
 
     weights = "gmn" if arm.startswith("default") else None
+    startup = 8 if arm.endswith("-s8") else None
 
     def factory(seed: int, hub: Any):
-        sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, prior=prior)
+        sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, prior=prior, n_startup_trials=startup)
         return sampler, optuna_fms.FMSPruner(max_steps=hub.n_epochs, weights=weights)
 
-    note = f"FMSSampler(weights={weights!r}, prior={prior.name if prior else None})"
+    note = f"FMSSampler(weights={weights!r}, prior={prior.name if prior else None}, n_startup_trials={startup})"
     methods_mod.METHODS[arm] = methods_mod.Method(arm, factory, fms=True, weights=weights, note=note)
 
 
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     info["history_s"] = round(time.perf_counter() - t0, 1)
     priors: dict[str, Path] = {}
     for kind in ("gmn", None):
-        if not any(a.endswith("+prior") and (a.startswith("default") == (kind == "gmn")) for a in args.arms):
+        if not any("+prior" in a and (a.startswith("default") == (kind == "gmn")) for a in args.arms):
             continue
         path = out / f"prior-{kind or 'none'}.safetensors"
         t1 = time.perf_counter()
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     for cache in caches:
         cache.close()
     for arm in args.arms:
-        if arm.endswith("+prior"):
+        if "+prior" in arm:
             _register(arm, priors["gmn" if arm.startswith("default") else "none"])
     hub = load_hub(args.held_out)
     budget = args.budget or 10 * hub.n_epochs
