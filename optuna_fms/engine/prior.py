@@ -167,11 +167,10 @@ class Prior:
             mean.scale.copy_(tensors["mean.scale"].reshape(()))
             # NOTE: the prior's lengthscales are [slots, budget, curve, weights]; this surrogate's
             # inputs put its own parameters after the slots. Those, and a weight embedding the
-            # prior lacks, keep the fresh default. The output scale and the noise stay fresh too:
-            # pretrained, they say how closely the mean fits its own sources (0.12-0.16 against
-            # noise 0.29-0.41 on the hubs), which a new task does not, and from there the GP took
-            # a new task's departures from the prior for noise: leave-one-hub-out on arch, 10 % to
-            # 50 % of the budget went to the prior's favourite family (+0.067 +/- 0.031 at 50 %).
+            # prior lacks, keep the fresh default. The output scale and noise are the prior's:
+            # started fresh, with the mean fitting a study's first few rows, the marginal
+            # likelihood drove them to the floor and the GP wrote off the rest of the space
+            # (leave-one-hub-out on arch, 10 seeds: +0.106 +/- 0.016 at 50 %, 4 seeds stuck).
             prior_ls = tensors["gp.lengthscale"].reshape(-1)
             base = model.covar_module.base_kernel
             ls = base.lengthscale.detach().clone().reshape(-1)
@@ -181,7 +180,15 @@ class Prior:
             if self.weights is not None and ex.weights is not None:
                 ls[width + tail:] = prior_ls[slots + tail:].to(ls)
             base.lengthscale = ls.reshape(base.lengthscale.shape)
+            self._copy_scales(model)
         mean.freeze()
+
+    def _copy_scales(self, model: _ExactGP) -> None:
+        """The GP's output scale and noise (above this surrogate's noise floor)."""
+        floor = float(model.likelihood.noise_covar.raw_noise_constraint.lower_bound)
+        model.covar_module.outputscale = self.tensors["gp.outputscale"].to(model.covar_module.outputscale)
+        noise = self.tensors["gp.noise"].to(model.likelihood.noise).clamp_min(floor * (1 + 1e-6) + 1e-12)
+        model.likelihood.noise = noise
 
     def _warm_start_deep(self, model: _ExactGP, input_map: InputMap) -> None:
         import torch
@@ -218,10 +225,7 @@ class Prior:
             model.mean_module.constant = self.tensors["gp.mean"].to(model.mean_module.constant)
             model.covar_module.base_kernel.lengthscale = self.tensors["gp.lengthscale"].to(
                 model.covar_module.base_kernel.lengthscale)
-            floor = float(model.likelihood.noise_covar.raw_noise_constraint.lower_bound)
-            model.covar_module.outputscale = self.tensors["gp.outputscale"].to(model.covar_module.outputscale)
-            noise = self.tensors["gp.noise"].to(model.likelihood.noise).clamp_min(floor * (1 + 1e-6) + 1e-12)
-            model.likelihood.noise = noise
+            self._copy_scales(model)
 
     def _fit_head(self, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                   input_map: InputMap) -> None:
