@@ -353,11 +353,6 @@ class GPSurrogate:
         model = _ExactGP(inputs, y, likelihood, extractor, mean).to(device=self.device, dtype=self.dtype)
         if self.prior is not None and self._input_map is not None:
             self.prior.warm_start(model, self._input_map)
-            if isinstance(mean, PriorMean) and self._model is not None:
-                # NOTE: the prior seeds the first fit's kernel and noise; a later fit from scratch
-                # goes on from the last one's, so they can leave the prior as the data grows.
-                model.covar_module.load_state_dict(self._model.covar_module.state_dict())
-                model.likelihood.load_state_dict(self._model.likelihood.state_dict())
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)
