@@ -37,7 +37,7 @@ class FMSSampler(BaseSampler):
     Args:
         seed: Seed of the candidate pool, the start-up design and the surrogate.
         n_startup_trials: Random configurations (one step each under freeze-thaw) before the
-            surrogate decides. Default (None): 8, or 2 with a ``prior``.
+            surrogate decides.
         independent_sampler: Sampler for parameters outside the shared search space.
         artifact_store: Where checkpoints live; default: a folder next to the storage file.
         device: Device of the surrogate; default CUDA when available, else CPU.
@@ -85,7 +85,7 @@ class FMSSampler(BaseSampler):
         self,
         *,
         seed: int | None = None,
-        n_startup_trials: int | None = None,
+        n_startup_trials: int = 8,
         independent_sampler: BaseSampler | None = None,
         artifact_store: ArtifactStore | None = None,
         device: str | None = None,

@@ -20,14 +20,12 @@ from optuna_fms.engine.surrogate import GPSurrogate, FitSettings, subsample_rows
 class PolicySettings:
     """Knobs of the freeze-thaw policy.
 
-    :attr:`startup` lineages are started at random and, when thawing is possible, frozen after
+    ``n_startup`` lineages are started at random and, when thawing is possible, frozen after
     their first step (DyHPO's initial design). New configurations are scored from a pool of
     ``pool_size`` random points plus ``n_local`` perturbations of the best lineages.
     """
 
-    # None: 8 (DyHPO's initial design), or 2 with a prior, whose surrogate can rank configurations
-    # before the study has seen any. NOTE: measured in bench/results/transfer/ (README, Transfer).
-    n_startup: int | None = None
+    n_startup: int = 8
     pool_size: int = 256
     n_local: int = 64
     # The surrogate's kernel (engine.surrogate.KERNELS): "input" (default), a Matern-5/2 kernel
@@ -70,13 +68,6 @@ class PolicySettings:
     explain: bool = True
     # A pretrained surrogate (engine/prior.py) every full fit starts from; None: a random start.
     prior: Any = None
-
-    @property
-    def startup(self) -> int:
-        """Random start-up lineages: ``n_startup``, or its default for this prior (or none)."""
-        if self.n_startup is not None:
-            return self.n_startup
-        return 2 if self.prior is not None else 8
 
 
 @dataclass
@@ -152,7 +143,7 @@ class FreezeThawPolicy:
         last step when runs are never frozen, so EI then targets final values.
         """
         with self._lock:
-            if len(history.lineages) < self.settings.startup or not history.n_observations:
+            if len(history.lineages) < self.settings.n_startup or not history.n_observations:
                 return self._random_new(history, "start-up: random configuration")
             hedge = self._promotion(history, exclude)
             if hedge is not None:
@@ -215,9 +206,9 @@ class FreezeThawPolicy:
                 # be at its last step (a thaw would then have nothing left to do), and when it
                 # finishes it reveals the run length.
                 return Decision("continue", key, reason="deepest run while the run length is unknown")
-            if can_thaw and len(history.lineages) < self.settings.startup:
+            if can_thaw and len(history.lineages) < self.settings.n_startup:
                 return Decision("freeze", key, reason="start-up: one step per configuration")
-            if not can_thaw and sum(not lin.running for lin in history.lineages) < self.settings.startup:
+            if not can_thaw and sum(not lin.running for lin in history.lineages) < self.settings.n_startup:
                 # NOTE: as early stopping, like MedianPruner: no stop before n_startup runs ended.
                 return Decision("continue", key, reason="start-up")
             if segment_steps < min_segment_steps:
