@@ -14,8 +14,8 @@ Two priors are trained: with the graph metanetwork (``prior-gmn.safetensors``) a
 * ``default+prior``: the same with ``prior=prior-gmn``;
 * ``dyhpo-mk``: weights=None, no prior (bench/methods.py's name for it);
 * ``dyhpo-mk+prior``: weights=None with ``prior=prior-none`` (what transfers without the weights);
-* ``-s8`` after a prior arm: with the 8 random start-up configurations of a study without a prior
-  (the default with a prior starts 2).
+* ``-s2`` after a prior arm: 2 random start-up configurations instead of 8 (a probe: trusting the
+  prior sooner; ``results/transfer/input-prior/startup2``).
 
 The priors are for the default's kernel; ``--kernel deep`` trains deep-kernel priors instead (a study
 started from one uses the deep kernel), the kind that ``results/transfer/no-weights/`` measured against
@@ -44,7 +44,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transfer"
 DROPPED = ("model",)
-ARMS = ("default", "default+prior", "dyhpo-mk", "dyhpo-mk+prior", "default+prior-s8", "dyhpo-mk+prior-s8")
+ARMS = ("default", "default+prior", "dyhpo-mk", "dyhpo-mk+prior", "default+prior-s2", "dyhpo-mk+prior-s2")
 
 
 class HubGraphs(Mapping[str, Any]):
@@ -140,7 +140,7 @@ def _register(arm: str, prior: Path | None) -> None:
     from bench import methods as methods_mod
 
     weights = "gmn" if arm.startswith("default") else None
-    startup = 8 if arm.endswith("-s8") else None
+    startup = 2 if arm.endswith("-s2") else 8
 
     def factory(seed: int, hub: Any):
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, prior=prior, n_startup_trials=startup)

@@ -156,25 +156,6 @@ def test_the_default_kernels_prior_is_a_frozen_mean_fitted_to_the_study(prior_fi
     assert not torch.equal(za, zb) and torch.equal(mean(za), mean(zb))
 
 
-def test_a_study_with_a_prior_starts_with_two_random_configurations(prior_file) -> None:
-    """With a prior the surrogate decides from the third configuration on; without one after 8
-    (either way as told when n_startup is given)."""
-    from optuna_fms.engine import FreezeThawPolicy, PolicySettings
-
-    prior = load_prior(prior_file)
-    history = _task(SPACE_B, 2, 5)
-    fast = FitSettings(full_steps=5)
-    reasons = {}
-    for name, settings in {
-        "prior": PolicySettings(weights=None, prior=prior, fit=fast),
-        "none": PolicySettings(weights=None, fit=fast),
-        "prior, told 8": PolicySettings(weights=None, prior=prior, n_startup=8, fit=fast),
-    }.items():
-        reasons[name] = FreezeThawPolicy(settings, seed=0).choose_next(history).reason
-    assert not reasons["prior"].startswith("start-up"), reasons
-    assert reasons["none"].startswith("start-up") and reasons["prior, told 8"].startswith("start-up"), reasons
-
-
 def test_a_prior_without_weights_serves_a_surrogate_with_them(prior_file) -> None:
     """The prior's mean reads the slots and the budget only; the fresh weight encoder's embedding
     goes to the kernel alone, with fresh lengthscales."""

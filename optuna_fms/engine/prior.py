@@ -167,10 +167,10 @@ class Prior:
             mean.scale.copy_(tensors["mean.scale"].reshape(()))
             # NOTE: the prior's lengthscales are [slots, budget, curve, weights]; this surrogate's
             # inputs put its own parameters after the slots. Those, and a weight embedding the
-            # prior lacks, keep the fresh default. The output scale and noise are the prior's:
-            # started fresh, with the mean fitting a study's first few rows, the marginal
-            # likelihood drove them to the floor and the GP wrote off the rest of the space
-            # (leave-one-hub-out on arch, 10 seeds: +0.106 +/- 0.016 at 50 %, 4 seeds stuck).
+            # prior lacks, keep the fresh default. The output scale and noise are the prior's too;
+            # fresh ones, or going on from the study's last fit, did not help where the prior
+            # misleads (arch left out, 2 start-ups: +0.106 / +0.117 / +0.107 at 50 % against no
+            # prior; results/transfer/input-prior/).
             prior_ls = tensors["gp.lengthscale"].reshape(-1)
             base = model.covar_module.base_kernel
             ls = base.lengthscale.detach().clone().reshape(-1)
