@@ -60,5 +60,12 @@ def test_finetune_model_hub_tutorial(tmp_path, capsys):
     assert finished.state == optuna.trial.TrialState.COMPLETE and finished.last_step == 3
     assert study.best_trial.number == finished.number
     assert summary["best_lineage"].state == "finished" and summary["best_lineage"].tail.number == finished.number
-    assert len(study.trials) == 13  # the leftover study was not loaded; 12 trials and the finishing one
+    # The leftover study was not loaded: 12 trials, and the finishing one unless the search itself
+    # had run the best lineage to the last epoch (then finish_best has nothing to train; on some
+    # CPUs the surrogate's near-tie decisions do that).
+    from optuna_fms import lineage as lin_mod
+
+    added = finished.system_attrs.get(lin_mod.FINISH) is not None
+    assert len(study.trials) == 12 + added
+    assert not added or finished.number == 12
 
