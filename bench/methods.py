@@ -69,13 +69,11 @@ def _default(seed: int, hub: Any):
 def _fms(*, weights: str | None, target: str, use_learning_curve: bool = True, ordered: bool = False,
          promotion: float = 0.0, freeze_margin: float = 0.2, kernel: str = "deep",
          n_startup: int = 8, noise_floor: float | None = None,
-         refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None,
-         embedding_lengthscales: str | None = None) -> Factory:
+         refine_growth: float | None = None, pool_size: int = 256, n_local: int | None = None) -> Factory:
     # NOTE: kernel "deep" with the learning curve was the engine's only surrogate until 2026-12-08,
     # so the arms named before then keep it and reproduce their committed traces.
     def factory(seed: int, hub: Any):
-        changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth),
-                                     ("embedding_lengthscales", embedding_lengthscales)) if v is not None}
+        changed = {k: v for k, v in (("noise_floor", noise_floor), ("refine_growth", refine_growth)) if v is not None}
         fit = FitSettings(**changed) if changed else None
         sampler = optuna_fms.FMSSampler(seed=seed, weights=weights, target=target,
                                         use_learning_curve=use_learning_curve, ordered_choices=ordered,
@@ -147,10 +145,6 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("fms-gmn-mkw", _fms(weights="gmn", target="next", use_learning_curve=False, kernel="input"),
            fms=True, weights="gmn",
            note="as dyhpo-mk, with the graph metanetwork's embedding of the weights as more inputs (no curve)"),
-    Method("fms-gmn-mk1", _fms(weights="gmn", target="next", use_learning_curve=False, kernel="input",
-                               embedding_lengthscales="one"),
-           fms=True, weights="gmn",
-           note="as fms-gmn-mkw, with one lengthscale for the whole weight embedding (a product kernel)"),
     Method("dyhpo-nl-p64", _fms(weights=None, target="next", n_local=0, pool_size=64), fms=True,
            note="as dyhpo-nl with 64 random new configurations per decision instead of 256"),
     Method("dyhpo-g0", _fms(weights=None, target="next", refine_growth=0.0), fms=True,

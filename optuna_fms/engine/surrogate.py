@@ -122,8 +122,8 @@ class InputFeatures(torch.nn.Module):
         self.curve_length = curve_length
         self.weights = WeightEncoder(weights, max_graphs=max_graphs) if weights is not None else None
         self.curve_net = CurveBranch(curve_channels) if use_curve else None
-        self.embedding_dim = self.weights.dim if self.weights is not None else 0
-        self.dim = config_dim + 1 + (curve_channels if use_curve else 0) + self.embedding_dim
+        self.dim = (config_dim + 1 + (curve_channels if use_curve else 0)
+                    + (self.weights.dim if self.weights is not None else 0))
         self.unknown = torch.nn.Parameter(torch.zeros(config_dim)) if unknown else None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
@@ -172,9 +172,6 @@ class FitSettings:
     weight_graphs: int = 16  # graphs the weight encoder learns from per such step
     dtype: torch.dtype = torch.float64
     noise_floor: float = 1e-4  # lower bound of the GP's noise variance (standardized units)
-    # PROBE: "one": the input kernel's weight embedding gets one lengthscale (a product kernel),
-    # since its axes mean nothing; "ard": one per axis, like the named inputs.
-    embedding_lengthscales: str = "ard"
 
 
 KERNELS = ("input", "deep")
@@ -353,9 +350,7 @@ class GPSurrogate:
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
-        model = _ExactGP(inputs, y, likelihood, extractor, mean,
-                         one_embedding_lengthscale=self.settings.embedding_lengthscales == "one",
-                         ).to(device=self.device, dtype=self.dtype)
+        model = _ExactGP(inputs, y, likelihood, extractor, mean).to(device=self.device, dtype=self.dtype)
         if self.prior is not None and self._input_map is not None:
             self.prior.warm_start(model, self._input_map)
         if extractor.weights is not None:
@@ -428,22 +423,13 @@ class _ExactGP(gpytorch.models.ExactGP):
         likelihood: gpytorch.likelihoods.GaussianLikelihood,
         extractor: FeatureExtractor | InputFeatures,
         mean: gpytorch.means.Mean | None = None,
-        *,
-        one_embedding_lengthscale: bool = False,
     ) -> None:
         """``mean``: a prior's pretrained mean (engine/mean.py); else a constant."""
         super().__init__(inputs, targets, likelihood)
         self.extractor = extractor
         self.mean_module = mean if mean is not None else gpytorch.means.ConstantMean()
-        base: gpytorch.kernels.Kernel
-        if not isinstance(extractor, InputFeatures):
-            base = gpytorch.kernels.RBFKernel()
-        elif one_embedding_lengthscale and extractor.embedding_dim:
-            named = extractor.dim - extractor.embedding_dim
-            base = (gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=named, active_dims=tuple(range(named)))
-                    * gpytorch.kernels.MaternKernel(nu=2.5, active_dims=tuple(range(named, extractor.dim))))
-        else:
-            base = gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=extractor.dim)
+        base = (gpytorch.kernels.MaternKernel(nu=2.5, ard_num_dims=extractor.dim)
+                if isinstance(extractor, InputFeatures) else gpytorch.kernels.RBFKernel())
         self.covar_module = gpytorch.kernels.ScaleKernel(base)
 
     def forward(self, packed: torch.Tensor) -> gpytorch.distributions.MultivariateNormal:
