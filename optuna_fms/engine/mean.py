@@ -4,9 +4,9 @@ m(z) = constant + scale * net(z[columns]). ``net`` is a small MLP that a prior p
 studies' rows (engine/prior.py); in a new study it is frozen and only ``constant`` and ``scale``
 are learned, by the marginal likelihood, with the kernel's hyperparameters. A prior that says
 nothing about the new study is switched off by the data (``scale`` -> 0): the GP is then the
-plain default one. Each fit from scratch starts them at the least-squares fit to the study's values,
-since a study standardizes its values on its own scale. ``columns`` leaves out the inputs the prior never saw (a new study's own
-parameters); the kernel still reads them.
+plain default one. Each fit from scratch starts them at the least-squares fit to the study's
+values, since a study standardizes its values on its own scale. ``columns`` leaves out the inputs
+the prior never saw (a new study's own parameters); the kernel still reads them.
 
 NOTE: frozen, not fine-tuned: an MLP fitted to a few dozen observations would write off a region
 for good, the failure that the default's kernel avoids by learning no map of the inputs
@@ -38,10 +38,6 @@ class PriorMean(gpytorch.means.Mean):
         )
         self.constant = torch.nn.Parameter(torch.zeros(()))
         self.scale = torch.nn.Parameter(torch.ones(()))
-
-    @property
-    def hidden(self) -> int:
-        return self.net[0].out_features
 
     @torch.no_grad()
     def fit_affine(self, z: torch.Tensor, y: torch.Tensor) -> None:
