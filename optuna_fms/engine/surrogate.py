@@ -325,34 +325,22 @@ class GPSurrogate:
     def _new_model(self, inputs: torch.Tensor, y: torch.Tensor) -> _ExactGP:
         extractor: FeatureExtractor | InputFeatures
         mean = None
-        if self.prior is not None and self._input_map is not None:
-            if self.kernel == "deep":
-                extractor = FeatureExtractor(
-                    self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-                    max_graphs=self.settings.weight_graphs, unknown=True, **self.prior.network,
-                )
-            else:
-                extractor = InputFeatures(
-                    self._input_map.width, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-                    max_graphs=self.settings.weight_graphs, unknown=True,
-                )
-                mean = self.prior.new_mean(extractor, self._input_map)
-        elif self.kernel == "deep":
-            extractor = FeatureExtractor(
-                self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-                max_graphs=self.settings.weight_graphs,
-            )
+        prior = self.prior if self._input_map is not None else None
+        width = self._input_map.width if self._input_map is not None else self.config_dim
+        common = dict(use_curve=self.use_curve, curve_length=self.curve_length, max_graphs=self.settings.weight_graphs)
+        if self.kernel == "deep":
+            network = {"unknown": True, **prior.network} if prior is not None else {}
+            extractor = FeatureExtractor(width, self.weights, **common, **network)
         else:
-            extractor = InputFeatures(
-                self.config_dim, self.weights, use_curve=self.use_curve, curve_length=self.curve_length,
-                max_graphs=self.settings.weight_graphs,
-            )
+            extractor = InputFeatures(width, self.weights, **common, unknown=prior is not None)
+            if prior is not None:
+                mean = prior.new_mean(extractor, self._input_map)
         likelihood = gpytorch.likelihoods.GaussianLikelihood(
             noise_constraint=gpytorch.constraints.GreaterThan(self.settings.noise_floor)
         )
         model = _ExactGP(inputs, y, likelihood, extractor, mean).to(device=self.device, dtype=self.dtype)
-        if self.prior is not None and self._input_map is not None:
-            self.prior.warm_start(model, self._input_map)
+        if prior is not None:
+            prior.warm_start(model, self._input_map)
         if extractor.weights is not None:
             extractor.weights.net.float()  # NOTE: the metanetwork runs in float32: twice as fast
             extractor.weights.set_table(*self._graph_table)
